@@ -1,0 +1,227 @@
+"""Frozen dataclasses describing every configurable piece of dreamr_jax.
+
+The loader (`dreamr_jax.config.loader`) builds these from YAML files and `key=value` overrides,
+checking types and names; each dataclass checks its own invariants in `validate()`, which raises
+`ValueError` with the dotted key at fault (the loader prefixes the file name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def _fail(key: str, message: str) -> None:
+    raise ValueError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The ViT of Qwen3-VL (`Qwen3VLVisionConfig` in transformers)."""
+
+    depth: int = 2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_heads: int = 4
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 64
+    num_position_embeddings: int = 64
+    deepstack_visual_indexes: tuple[int, ...] = (0,)
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: channels * temporal * patch * patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    def validate(self, prefix: str = "vision") -> None:
+        for name in (
+            "depth",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "patch_size",
+            "temporal_patch_size",
+            "spatial_merge_size",
+            "out_hidden_size",
+            "num_position_embeddings",
+            "in_channels",
+        ):
+            if getattr(self, name) <= 0:
+                _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            _fail(
+                f"{prefix}.num_heads",
+                f"{self.num_heads} heads do not divide hidden_size {self.hidden_size}",
+            )
+        if self.head_dim % 4:
+            _fail(
+                f"{prefix}.num_heads",
+                f"vision head_dim {self.head_dim} must be a multiple of 4 "
+                "(2D rotary splits it between rows and columns)",
+            )
+        side = round(self.num_position_embeddings**0.5)
+        if side * side != self.num_position_embeddings:
+            _fail(
+                f"{prefix}.num_position_embeddings",
+                f"{self.num_position_embeddings} is not a square number",
+            )
+        for i in self.deepstack_visual_indexes:
+            if not 0 <= i < self.depth:
+                _fail(
+                    f"{prefix}.deepstack_visual_indexes",
+                    f"layer {i} is outside the {self.depth} vision blocks",
+                )
+        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+            _fail(f"{prefix}.hidden_act", f"unsupported activation {self.hidden_act!r}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The Qwen3 decoder of Qwen3-VL (`Qwen3VLTextConfig` in transformers)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5_000_000.0
+    mrope_section: tuple[int, ...] = (4, 2, 2)
+    max_position_embeddings: int = 4096
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+
+    def validate(self, prefix: str = "text") -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            if getattr(self, name) <= 0:
+                _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            _fail(
+                f"{prefix}.num_key_value_heads",
+                f"{self.num_key_value_heads} KV heads do not divide "
+                f"{self.num_attention_heads} attention heads",
+            )
+        if self.head_dim % 2:
+            _fail(f"{prefix}.head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
+            _fail(
+                f"{prefix}.mrope_section",
+                f"{list(self.mrope_section)} must be 3 sections summing to head_dim/2 = "
+                f"{self.head_dim // 2}",
+            )
+        # Interleaved M-RoPE gives H and W every third frequency: each needs 3*section slots.
+        if 3 * max(self.mrope_section[1:]) > self.head_dim // 2 + 2:
+            _fail(
+                f"{prefix}.mrope_section",
+                f"{list(self.mrope_section)} does not fit interleaved over "
+                f"{self.head_dim // 2} frequencies",
+            )
+        if self.hidden_act != "silu":
+            _fail(f"{prefix}.hidden_act", f"unsupported activation {self.hidden_act!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole Qwen3-VL dense model (`Qwen3VLConfig` in transformers)."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    tie_word_embeddings: bool = False
+    # Defaults fit the default 512-token vocabulary (Qwen's layout shifted down); real presets set
+    # Qwen's ids (image 151655, video 151656, vision start/end 151652/151653, eos 151645/151643).
+    image_token_id: int = 508
+    video_token_id: int = 509
+    vision_start_token_id: int = 505
+    vision_end_token_id: int = 506
+    eos_token_ids: tuple[int, ...] = (498, 496)
+    pad_token_id: int = 496
+
+    def validate(self, prefix: str = "model") -> None:
+        self.text.validate(f"{prefix}.text")
+        self.vision.validate(f"{prefix}.vision")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            _fail(
+                f"{prefix}.vision.out_hidden_size",
+                f"{self.vision.out_hidden_size} must equal text.hidden_size "
+                f"{self.text.hidden_size} (vision features replace token embeddings)",
+            )
+        if len(self.vision.deepstack_visual_indexes) > self.text.num_hidden_layers:
+            _fail(
+                f"{prefix}.vision.deepstack_visual_indexes",
+                "more DeepStack features than decoder layers to receive them",
+            )
+        for name in (
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+            "pad_token_id",
+        ):
+            value = getattr(self, name)
+            if not 0 <= value < self.text.vocab_size:
+                _fail(
+                    f"{prefix}.{name}",
+                    f"{value} is outside the vocabulary (vocab_size {self.text.vocab_size})",
+                )
+        for value in self.eos_token_ids:
+            if not 0 <= value < self.text.vocab_size:
+                _fail(f"{prefix}.eos_token_ids", f"{value} is outside the vocabulary")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: sizes of the (data, fsdp, tensor) axes; -1 takes the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def validate(self, prefix: str = "mesh") -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1:
+            _fail(prefix, "at most one axis may be -1")
+        for name, s in zip(("data", "fsdp", "tensor"), sizes, strict=True):
+            if s == 0 or s < -1:
+                _fail(f"{prefix}.{name}", f"must be positive or -1, got {s}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A run: the model, where it lives, and what the entry point does with it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    seed: int = 0
+    dtype: str = "float32"
+    output_dir: str = "runs/default"
+
+    def validate(self, prefix: str = "") -> None:
+        self.model.validate("model")
+        self.mesh.validate("mesh")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            _fail("dtype", f"unsupported dtype {self.dtype!r}")
+
+
+def is_config_class(tp: object) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)

@@ -1,0 +1,67 @@
+"""A static KV cache with per-row lengths, so rows of a batch can commit and roll back
+independently (speculative steps accept different amounts per row)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dreamr_jax.config.schema import TextConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """k, v: `[layers, batch, max_len, kv_heads, head_dim]`.
+
+    valid: `[batch, max_len]` bool, slot holds a real token (False for left padding).
+    length: `[batch]` int32, slots in use; the next token of row b goes to slot `length[b]`.
+    next_position: `[batch]` int32, the M-RoPE position the next text token of each row takes.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    length: jax.Array
+    next_position: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, max_len), bool),
+        length=jnp.zeros((batch,), jnp.int32),
+        next_position=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
+    """Writes `update [batch, t, ...]` into `buffer [batch, max_len, ...]` at per-row `start`."""
+
+    def one(buf, upd, s):
+        return jax.lax.dynamic_update_slice_in_dim(buf, upd.astype(buf.dtype), s, axis=0)
+
+    return jax.vmap(one)(buffer, update, start)
+
+
+def rollback(cache: KVCache, length: jax.Array, next_position: jax.Array) -> KVCache:
+    """Truncates every row to `length [batch]` slots; later slots are dropped from attention.
+
+    Entries past `length` keep stale values but are never read: attention only looks at slots
+    below the query's own slot, and writes overwrite them before they count again.
+    """
+    slots = jnp.arange(cache.max_len)[None, :]
+    return dataclasses.replace(
+        cache,
+        valid=cache.valid & (slots < length[:, None]),
+        length=length.astype(jnp.int32),
+        next_position=next_position.astype(jnp.int32),
+    )

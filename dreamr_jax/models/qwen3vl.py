@@ -1,0 +1,161 @@
+"""Qwen3-VL dense (transformers' `Qwen3VLForConditionalGeneration`) as one Flax NNX module.
+
+`forward` is pure array code (jittable, with or without a KV cache). `__call__` is the
+transformers-like convenience API: it takes NumPy or JAX arrays, prepares positions on the host
+and runs a jitted forward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dreamr_jax.config.schema import ModelConfig
+from dreamr_jax.models.inputs import ModelInputs, prepare_inputs, prepare_vision
+from dreamr_jax.models.kv_cache import KVCache, write_rows
+from dreamr_jax.models.layers import Linear
+from dreamr_jax.models.rope import text_rope
+from dreamr_jax.models.text import TextModel
+from dreamr_jax.models.vision import VisionModel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+
+
+class Qwen3VL(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype="float32", rngs: nnx.Rngs):
+        dtype = as_dtype(dtype)
+        self.config = config
+        self.dtype = dtype
+        self.visual = VisionModel(config.vision, dtype=dtype, rngs=rngs)
+        self.language_model = TextModel(config.text, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(
+                config.text.hidden_size,
+                config.text.vocab_size,
+                axes=("embed", "vocab"),
+                dtype=dtype,
+                rngs=rngs,
+            )
+        )
+
+    # ----------------------------------------------------------------------------- pure arrays
+
+    def image_features(self, vision) -> tuple[jax.Array, jax.Array]:
+        """Visual tokens `[tokens, hidden]`, DeepStack features `[n_deepstack, tokens, hidden]`."""
+        return self.visual(vision)
+
+    def hidden_states(
+        self, inputs: ModelInputs, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final normed hidden states `[batch, t, hidden]`, and the cache with this chunk added.
+
+        Without a cache the chunk attends causally to itself. With one, its tokens go to slots
+        `cache.length[b] ...` of each row and attend to every valid earlier slot.
+        """
+        cfg, text = self.config, self.language_model
+        ids, token_mask = inputs.input_ids, inputs.attention_mask.astype(bool)
+        x = text.embed_tokens(ids)
+        is_image = (ids == cfg.image_token_id) & token_mask
+        deepstack, gather = None, None
+        if inputs.vision is not None:
+            image_embeds, deepstack = self.visual(inputs.vision)
+            # Visual tokens fill the image-token slots in row-major order, as masked_scatter does.
+            gather = jnp.maximum(jnp.cumsum(is_image.reshape(-1)) - 1, 0).reshape(ids.shape)
+            x = jnp.where(is_image[..., None], image_embeds[gather].astype(x.dtype), x)
+        cos, sin = text_rope(
+            inputs.positions,
+            cfg.text.head_dim,
+            cfg.text.rope_theta,
+            cfg.text.mrope_section,
+            x.dtype,
+        )
+
+        t = ids.shape[1]
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & token_mask[:, None, :]
+            new_cache = None
+        else:
+            valid = write_rows(cache.valid, token_mask, cache.length)
+            query_slot = cache.length[:, None] + jnp.arange(t)[None, :]  # [batch, t]
+            slots = jnp.arange(cache.max_len)
+            mask = valid[:, None, :] & (slots[None, None, :] <= query_slot[..., None])
+            new_k, new_v = cache.k, cache.v
+
+        for i, layer in enumerate(text.layers):
+            if cache is None:
+                kv_fn = lambda k, v: (k, v, mask)  # noqa: B023 (used inside this iteration)
+            else:
+
+                def kv_fn(k, v, i=i):
+                    nonlocal new_k, new_v
+                    new_k = new_k.at[i].set(write_rows(new_k[i], k, cache.length))
+                    new_v = new_v.at[i].set(write_rows(new_v[i], v, cache.length))
+                    return new_k[i], new_v[i], mask
+
+            x = layer(x, cos, sin, kv_fn)
+            if deepstack is not None and i < deepstack.shape[0]:
+                feature = deepstack[i][gather].astype(x.dtype)
+                x = x + jnp.where(is_image[..., None], feature, 0)
+
+        if cache is not None:
+            chunk_max = jnp.max(jnp.where(token_mask, inputs.positions.max(0), -1), axis=1)
+            new_cache = KVCache(
+                k=new_k,
+                v=new_v,
+                valid=valid,
+                length=cache.length + t,
+                next_position=jnp.maximum(cache.next_position, chunk_max + 1),
+            )
+        return text.norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """`[..., hidden] -> [..., vocab]` in float32."""
+        if self.lm_head is None:
+            out = self.language_model.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def forward(
+        self, inputs: ModelInputs, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits `[batch, t, vocab]` (float32) and the updated cache."""
+        hidden, cache = self.hidden_states(inputs, cache)
+        return self.logits(hidden), cache
+
+    # --------------------------------------------------------------- transformers-like helpers
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+        """Logits `[batch, seq, vocab]` for NumPy/JAX inputs in the transformers convention."""
+        inputs, _ = prepare_inputs(
+            self.config, input_ids, attention_mask, pixel_values, image_grid_thw
+        )
+        graphdef, state = nnx.split(self)
+        return _jit_forward(graphdef, state, inputs)
+
+    def get_image_features(self, pixel_values, image_grid_thw) -> tuple[jax.Array, jax.Array]:
+        """Merged visual tokens and DeepStack features for packed patches and their grids."""
+        vision = prepare_vision(self.config, np.asarray(pixel_values), np.asarray(image_grid_thw))
+        graphdef, state = nnx.split(self)
+        return _jit_image_features(graphdef, state, vision)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(graphdef, state, inputs):
+    return nnx.merge(graphdef, state).forward(inputs)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_image_features(graphdef, state, vision):
+    return nnx.merge(graphdef, state).image_features(vision)

@@ -1,0 +1,119 @@
+"""The Qwen3 decoder of Qwen3-VL: RMSNorm, q/k-norm GQA attention with interleaved M-RoPE,
+SwiGLU MLP, DeepStack visual features added after the first decoder layers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dreamr_jax.config.schema import TextConfig
+from dreamr_jax.models.layers import Embed, Linear, RMSNorm
+from dreamr_jax.models.rope import apply_rope
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    q `[batch, t, heads, head_dim]`, k/v `[batch, keys, kv_heads, head_dim]`, mask
+    `[batch, t, keys]` bool. Scores and softmax in float32. Returns `[batch, t, heads * head_dim]`.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * d**-0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * d)
+
+
+class TextAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = Linear(
+            d,
+            cfg.num_attention_heads * hd,
+            axes=("embed", "heads"),
+            use_bias=bias,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.k_proj = Linear(
+            d,
+            cfg.num_key_value_heads * hd,
+            axes=("embed", "kv_heads"),
+            use_bias=bias,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.v_proj = Linear(
+            d,
+            cfg.num_key_value_heads * hd,
+            axes=("embed", "kv_heads"),
+            use_bias=bias,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.o_proj = Linear(
+            cfg.num_attention_heads * hd,
+            d,
+            axes=("heads", "embed"),
+            use_bias=bias,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, axes=("head_dim",))
+        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, axes=("head_dim",))
+
+    def __call__(self, x, cos, sin, kv_fn):
+        """x `[batch, t, hidden]`; `kv_fn(k, v) -> (keys, values, mask)` places the new keys in
+        their context (the cache, or just this sequence)."""
+        b, t, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_norm(self.q_proj(x).reshape(b, t, -1, hd))
+        k = self.k_norm(self.k_proj(x).reshape(b, t, -1, hd))
+        v = self.v_proj(x).reshape(b, t, -1, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values, mask = kv_fn(k, v)
+        return self.o_proj(attention(q, keys, values, mask))
+
+
+class TextMLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+        d, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, m, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, m, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(m, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = TextAttention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = TextMLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, kv_fn):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_fn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nnx.Module):
+    """Token embeddings, decoder layers and the final norm (transformers' `Qwen3VLTextModel`)."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
