@@ -207,11 +207,44 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and checkpointing of a training run."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    end_learning_rate_ratio: float = 0.1  # cosine decay ends at this fraction of the peak
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("steps", "batch_size", "save_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) <= 0:
+                _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            _fail(f"{prefix}.learning_rate", f"must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_steps < self.steps:
+            _fail(
+                f"{prefix}.warmup_steps",
+                f"must be in [0, steps={self.steps}), got {self.warmup_steps}",
+            )
+        if not 0 <= self.end_learning_rate_ratio <= 1:
+            _fail(f"{prefix}.end_learning_rate_ratio", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
 class Config:
     """A run: the model, where it lives, and what the entry point does with it."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     dtype: str = "float32"
     output_dir: str = "runs/default"
@@ -219,6 +252,7 @@ class Config:
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
         self.mesh.validate("mesh")
+        self.train.validate("train")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             _fail("dtype", f"unsupported dtype {self.dtype!r}")
 

@@ -34,7 +34,7 @@ LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
     "vit_qkv": "tensor",  # 3 * hidden, flattened
     "vit_heads": "tensor",  # hidden as num_heads * head_dim, input of the output projection
     "vit_mlp": "tensor",
-    "vit_merge": "tensor",  # spatial_merge_size**2 * hidden
+    "vit_merge": "fsdp",  # spatial_merge_size**2 * hidden, input of the mergers
     "patch": None,
     "pos_table": None,
     # KV cache [batch, seq, kv_heads, head_dim].

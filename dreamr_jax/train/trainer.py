@@ -1,0 +1,205 @@
+"""The supervised training loop: grain batches, a jitted AdamW step over split NNX state, orbax
+checkpoints that include the data-iterator position, metrics and a progress bar.
+
+A killed run restarted with the same config resumes from its last checkpoint with the same data
+order, and ends with the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable
+
+import grain
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
+
+from dreamr_jax.config.loader import save_config
+from dreamr_jax.config.schema import Config
+from dreamr_jax.models.inputs import ModelInputs, prepare_inputs
+from dreamr_jax.parallel.rules import logical_to_spec
+from dreamr_jax.train.loss import next_token_loss
+from dreamr_jax.train.metrics import MetricsWriter
+from dreamr_jax.train.optim import learning_rate_schedule, make_optimizer
+
+Example = dict[str, np.ndarray]
+
+
+def batch_pipeline(
+    examples: grain.MapDataset, batch_size: int, steps: int, seed: int
+) -> grain.MapDataset:
+    """Shards by process, repeats enough epochs for `steps` batches, shuffles by `seed`
+    (across epochs) and batches. Random access, so an iterator over it can be checkpointed."""
+    examples = examples[jax.process_index() :: jax.process_count()]
+    epochs = max(1, math.ceil(steps * batch_size / max(len(examples), 1)))
+    return examples.repeat(epochs).shuffle(seed=seed).batch(batch_size, drop_remainder=True)
+
+
+def collate(model_cfg, batch: Example) -> tuple[ModelInputs, np.ndarray]:
+    """Stacked examples -> ModelInputs and the loss mask `[batch, seq]`.
+
+    Examples carry `input_ids`, `attention_mask`, `loss_mask` `[seq]`, and optionally
+    `pixel_values` `[patches, patch_dim]` with `image_grid_thw` `[images, 3]`.
+    """
+    pixel_values = grid = None
+    if "pixel_values" in batch:
+        pixel_values = batch["pixel_values"].reshape(-1, batch["pixel_values"].shape[-1])
+        grid = batch["image_grid_thw"].reshape(-1, 3)
+    inputs, _ = prepare_inputs(
+        model_cfg, batch["input_ids"], batch["attention_mask"], pixel_values, grid
+    )
+    return inputs, np.asarray(batch["loss_mask"], bool)
+
+
+def shard_batch(tree, mesh: Mesh | None):
+    """Places `[batch, ...]` arrays split over the batch mesh axes (when they divide)."""
+    if mesh is None:
+        return tree
+
+    def put(x):
+        x = np.asarray(x)
+        spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(put, tree)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def train_step(graphdef, train_cfg, params, opt_state, inputs, loss_mask):
+    """One AdamW step on the next-token loss. The optimizer is rebuilt from the (hashable)
+    train config at trace time, so every Trainer with equal config shares one compilation."""
+    tx = make_optimizer(train_cfg)
+
+    def loss_fn(p):
+        return next_token_loss(nnx.merge(graphdef, p), inputs, loss_mask)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: object
+    step: int
+    metrics: dict
+
+
+class Trainer:
+    """Trains `model` on `examples` (a grain MapDataset of per-example dicts) under `cfg.train`.
+
+    workdir/: `checkpoints/` (orbax), `metrics/` (TensorBoard + metrics.jsonl), `config.yaml`.
+    """
+
+    def __init__(
+        self, cfg: Config, model, examples: grain.MapDataset, workdir: str, mesh: Mesh | None = None
+    ):
+        self.cfg, self.workdir, self.mesh = cfg, workdir, mesh
+        os.makedirs(workdir, exist_ok=True)
+        save_config(cfg, os.path.join(workdir, "config.yaml"))
+        self.graphdef, self.params = nnx.split(model)
+        self.opt_state = make_optimizer(cfg.train).init(self.params)
+        self.step = 0
+        self.batches = batch_pipeline(examples, cfg.train.batch_size, cfg.train.steps, cfg.seed)
+        self.iterator = self.batches.to_iter_dataset().__iter__()
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.train.keep_checkpoints, create=True
+            ),
+        )
+        self.schedule = learning_rate_schedule(cfg.train)
+
+    # -------------------------------------------------------------------------- checkpoints
+
+    def _train_state(self) -> dict:
+        return {
+            "params": self.params,
+            "opt_state": self.opt_state,
+            "step": np.asarray(self.step, np.int64),
+        }
+
+    def save(self) -> None:
+        self.manager.save(
+            self.step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self._train_state()),
+                data=ocp.args.JsonSave(self.iterator.get_state()),
+            ),
+        )
+
+    def restore_latest(self) -> bool:
+        """Restores the newest checkpoint, if any; returns whether it did."""
+        latest = self.manager.latest_step()
+        if latest is None:
+            return False
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._train_state())
+        restored = self.manager.restore(
+            latest,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+            ),
+        )
+        self.params = restored.state["params"]
+        self.opt_state = restored.state["opt_state"]
+        self.step = int(restored.state["step"])
+        self.iterator.set_state(restored.data)
+        return True
+
+    # --------------------------------------------------------------------------------- loop
+
+    def run(
+        self, *, stop_after: int | None = None, evaluate: Callable[[object], dict] | None = None
+    ) -> TrainResult:
+        """Trains up to `cfg.train.steps` (or until `stop_after` steps, to simulate a kill),
+        saving every `save_every` steps and at the end; evaluates the final model if given."""
+        tcfg = self.cfg.train
+        resumed = self.restore_latest()
+        writer = MetricsWriter(os.path.join(self.workdir, "metrics"))
+        last = min(tcfg.steps, stop_after) if stop_after is not None else tcfg.steps
+        bar = tqdm(
+            total=tcfg.steps, initial=self.step, desc="train", dynamic_ncols=True, disable=None
+        )
+        if resumed:
+            bar.write(f"resumed from step {self.step}")
+        metrics: dict = {}
+        tokens, started = 0.0, time.perf_counter()
+        while self.step < last:
+            inputs, loss_mask = collate(self.cfg.model, next(self.iterator))
+            inputs, loss_mask = shard_batch((inputs, loss_mask), self.mesh)
+            self.params, self.opt_state, step_metrics = train_step(
+                self.graphdef, tcfg, self.params, self.opt_state, inputs, loss_mask
+            )
+            self.step += 1
+            bar.update(1)
+            if self.step % tcfg.log_every == 0 or self.step == last:
+                metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                tokens += metrics["tokens"] * tcfg.log_every
+                elapsed = time.perf_counter() - started
+                metrics["learning_rate"] = float(self.schedule(self.step))
+                metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                writer.write(self.step, metrics)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+                )
+            if self.step % tcfg.save_every == 0 or self.step == tcfg.steps:
+                self.save()
+        bar.close()
+        self.manager.wait_until_finished()
+        model = nnx.merge(self.graphdef, self.params)
+        if evaluate is not None and self.step == tcfg.steps:
+            eval_metrics = evaluate(model)
+            writer.write(self.step, eval_metrics, prefix="eval")
+            metrics = {**metrics, **{f"eval/{k}": v for k, v in eval_metrics.items()}}
+        writer.close()
+        return TrainResult(model=model, step=self.step, metrics=metrics)
