@@ -1,0 +1,537 @@
+"""DigitMath: multi-step arithmetic over images of real handwritten digits.
+
+The digits are scikit-learn's bundled `load_digits` scans (1,797 8x8 images, values 0-16), so the
+task needs no download. The scans are split once, independently of any seed, into disjoint
+train / val / test pools; a problem of a split draws its digit images only from that split's pool,
+so test images never appear in training problems.
+
+A problem shows a grid of digits (1-2 rows, 2-4 columns); every 8x8 scan is upscaled to a 32x32
+cell, which is exactly one visual token of Qwen3-VL (16-px patches merged 2x2). The reasoning is a
+chain of short steps separated by "\\n\\n": first the digits are read, then one operation per step,
+and the last step is always "The answer is N.".
+
+Usage:
+    python -m dreamr_jax.data.digitmath --split test --n 200 --seed 0 --out data/digitmath
+writes data/digitmath/test.jsonl and data/digitmath/images/test-00000.png, ... (same arguments,
+byte-identical files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import io
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SPLITS = ("train", "val", "test")
+FAMILIES = (
+    "row_sum",
+    "row_product",
+    "sum_of_products",
+    "row_difference",
+    "count_greater",
+    "number_plus",
+)
+CORRUPTION_KINDS = ("misread", "arithmetic_slip", "skipped_step", "repeated_step")
+STEP_DELIMITER = "\n\n"
+ANSWER_TEMPLATE = "The answer is {}."
+SCAN_SIZE = 8
+CELL_SIZE = 32  # one Qwen3-VL visual token: a 2x2 group of 16-px patches
+MIN_STEPS, MAX_STEPS = 3, 8
+
+# Rank of a scan among the scans of its digit, modulo 10, decides its pool: a fixed 70/10/20
+# split stratified by digit, with no seed, so every run and every user sees the same pools.
+_POOL_OF_RANK = ("train",) * 7 + ("val",) + ("test",) * 2
+
+# Pairs a human reader (or a small model) plausibly confuses; misread corruptions prefer them.
+_CONFUSABLE = {
+    0: (6, 8),
+    1: (7, 4),
+    2: (7, 3),
+    3: (8, 5),
+    4: (9, 1),
+    5: (6, 3),
+    6: (5, 0),
+    7: (1, 2),
+    8: (3, 0),
+    9: (4, 7),
+}
+
+_ANSWER_RE = re.compile(r"answer is\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+_READ_RE = re.compile(r"^The (?:top |bottom )?row shows (.+)\.$")
+_RESULT_RE = re.compile(r"(-?\d+)\.$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One DigitMath problem; `to_record()` gives its JSONL form (DESIGN.md section 6 + extras)."""
+
+    id: str
+    image: str  # relative to the JSONL file's folder: images/<id>.png
+    question: str
+    answer: str
+    steps: tuple[str, ...]
+    family: str
+    digits: tuple[tuple[int, ...], ...]  # true labels, row by row
+    scans: tuple[tuple[int, ...], ...]  # indices into load_digits(), same shape as digits
+
+    @property
+    def reasoning(self) -> str:
+        """The whole gold chain as a model should write it."""
+        return STEP_DELIMITER.join(self.steps)
+
+    def to_record(self) -> dict:
+        """A JSON-ready dict (lists instead of tuples)."""
+        return {
+            "id": self.id,
+            "image": self.image,
+            "question": self.question,
+            "answer": self.answer,
+            "steps": list(self.steps),
+            "family": self.family,
+            "digits": [list(row) for row in self.digits],
+            "scans": [list(row) for row in self.scans],
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> Problem:
+        """Inverse of `to_record`."""
+        return cls(
+            id=record["id"],
+            image=record["image"],
+            question=record["question"],
+            answer=record["answer"],
+            steps=tuple(record["steps"]),
+            family=record["family"],
+            digits=tuple(tuple(int(d) for d in row) for row in record["digits"]),
+            scans=tuple(tuple(int(s) for s in row) for row in record["scans"]),
+        )
+
+
+# ----------------------------------------------------------------------------- scans and pools
+
+
+def _bundled_digits_file() -> Path | None:
+    """scikit-learn's digits.csv.gz, located without importing sklearn (a multi-second import)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    return path if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=1)
+def _load_scans() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 scans as uint8 [n, 8, 8] (values 0-16) and their labels [n]."""
+    path = _bundled_digits_file()
+    if path is not None:
+        # The same file, parsed the same way, as sklearn.datasets.load_digits (the tests check).
+        table = np.loadtxt(path, delimiter=",")
+        images, labels = table[:, :-1].reshape(-1, SCAN_SIZE, SCAN_SIZE), table[:, -1]
+    else:  # an unusual sklearn layout: take the public loader
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        images, labels = data.images, data.target
+    images = np.rint(images).astype(np.uint8)
+    labels = labels.astype(np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def scan_labels() -> np.ndarray:
+    """The true digit of every scan (read-only array indexed like `load_digits()`)."""
+    return _load_scans()[1]
+
+
+@functools.lru_cache(maxsize=1)
+def scan_pools() -> dict[str, tuple[int, ...]]:
+    """The fixed, seed-independent split of scan indices into disjoint train/val/test pools."""
+    labels = scan_labels()
+    pools: dict[str, list[int]] = {split: [] for split in SPLITS}
+    for digit in range(10):
+        for rank, index in enumerate(np.flatnonzero(labels == digit)):
+            pools[_POOL_OF_RANK[rank % len(_POOL_OF_RANK)]].append(int(index))
+    return {split: tuple(sorted(indices)) for split, indices in pools.items()}
+
+
+@functools.lru_cache(maxsize=len(SPLITS))
+def _pool_by_digit(split: str) -> tuple[np.ndarray, ...]:
+    """Scan indices of `split`'s pool, grouped by their digit (entry d = scans showing d)."""
+    labels = scan_labels()
+    pool = np.asarray(scan_pools()[split])
+    return tuple(pool[labels[pool] == digit] for digit in range(10))
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def render_scan(index: int) -> np.ndarray:
+    """One scan as a 32x32 uint8 cell, white ink on black, nearest-neighbour upscaled."""
+    scan = _load_scans()[0][index].astype(np.uint16)
+    # Integer scaling (0-16 -> 0-255) keeps the pixels exact, so PNG bytes never vary.
+    cell = (scan * 255 + 8) // 16
+    factor = CELL_SIZE // SCAN_SIZE
+    return np.repeat(np.repeat(cell, factor, axis=0), factor, axis=1).astype(np.uint8)
+
+
+def render_grid(scans: Sequence[Sequence[int]]) -> Image.Image:
+    """A grayscale ("L") image with one 32x32 cell per scan index, rows top to bottom."""
+    rows = [np.concatenate([render_scan(i) for i in row], axis=1) for row in scans]
+    return Image.fromarray(np.concatenate(rows, axis=0), mode="L")
+
+
+def render_image(problem: Problem) -> Image.Image:
+    """The picture of a problem."""
+    return render_grid(problem.scans)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """PNG encoding with fixed settings (no metadata), so equal images give equal bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=9)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- step text
+
+
+def _join(values: Sequence[int]) -> str:
+    """'3', '3 and 7', '3, 7 and 1'."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _row_name(n_rows: int, row: int) -> str:
+    """How questions and steps call a row."""
+    return "row" if n_rows == 1 else ("top row", "bottom row")[row]
+
+
+def _read_step(name: str, row: Sequence[int]) -> str:
+    return f"The {name} shows {_join(row)}."
+
+
+def _fold(values: Sequence[int], symbol: str) -> tuple[list[str], int]:
+    """Combines values left to right, one step per operation; returns the steps and the result."""
+    ops = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
+    acc, steps = values[0], []
+    for value in values[1:]:
+        result = ops[symbol](acc, value)
+        steps.append(f"{acc} {symbol} {value} = {result}.")
+        acc = result
+    return steps, acc
+
+
+def _answer_step(answer: int) -> str:
+    return ANSWER_TEMPLATE.format(answer)
+
+
+# ----------------------------------------------------------------------------- families
+# Each builder draws a digit grid and returns (grid, question, steps); the last step states the
+# answer. Step counts are noted per family and checked by the tests (3-8 for every family).
+
+
+def _grid(rng: np.random.Generator, rows: int, cols: int) -> list[list[int]]:
+    return rng.integers(0, 10, size=(rows, cols)).tolist()
+
+
+def _row_fold(rng: np.random.Generator, symbol: str, noun: str):
+    """Sum or product of one row: read it, then cols-1 operations (3-5 steps)."""
+    rows, cols = int(rng.integers(1, 3)), int(rng.integers(2, 5))
+    grid = _grid(rng, rows, cols)
+    row = int(rng.integers(rows))
+    name = _row_name(rows, row)
+    question = f"What is the {noun} of the digits in the {name}?"
+    ops, result = _fold(grid[row], symbol)
+    return grid, question, [_read_step(name, grid[row]), *ops, _answer_step(result)]
+
+
+def _row_sum(rng: np.random.Generator):
+    return _row_fold(rng, "+", "sum")
+
+
+def _row_product(rng: np.random.Generator):
+    return _row_fold(rng, "*", "product")
+
+
+def _sum_of_products(rng: np.random.Generator):
+    """Column-wise products, then their sum: 2 reads + cols products + cols-1 sums (6 or 8)."""
+    cols = int(rng.integers(2, 4))
+    grid = _grid(rng, 2, cols)
+    question = (
+        "Multiply the top and bottom digits in each column, then add the products. "
+        "What is the total?"
+    )
+    products = [a * b for a, b in zip(grid[0], grid[1], strict=True)]
+    steps = [_read_step("top row", grid[0]), _read_step("bottom row", grid[1])]
+    steps += [f"{a} * {b} = {a * b}." for a, b in zip(grid[0], grid[1], strict=True)]
+    sums, total = _fold(products, "+")
+    return grid, question, [*steps, *sums, _answer_step(total)]
+
+
+def _row_difference(rng: np.random.Generator):
+    """Both row sums, then larger minus smaller: 2 reads + 2(cols-1) sums + 1 (6 or 8 steps)."""
+    cols = int(rng.integers(2, 4))
+    grid = _grid(rng, 2, cols)
+    question = "Add up each row. What is the larger row sum minus the smaller one?"
+    top_ops, top = _fold(grid[0], "+")
+    bottom_ops, bottom = _fold(grid[1], "+")
+    big, small = max(top, bottom), min(top, bottom)
+    steps = [_read_step("top row", grid[0]), _read_step("bottom row", grid[1])]
+    steps += [*top_ops, *bottom_ops, f"{big} - {small} = {big - small}."]
+    return grid, question, [*steps, _answer_step(big - small)]
+
+
+def _count_step(name: str, row: Sequence[int], threshold: int) -> tuple[str, int]:
+    bigger = [d for d in row if d > threshold]
+    if not bigger:
+        return f"In the {name}, no digit is greater than {threshold}, so the count is 0.", 0
+    verb = "is" if len(bigger) == 1 else "are"
+    text = f"In the {name}, {_join(bigger)} {verb} greater than {threshold}, so the count is"
+    return f"{text} {len(bigger)}.", len(bigger)
+
+
+def _count_greater(rng: np.random.Generator):
+    """Digits above a threshold: reads, one count per row, a sum if 2 rows (3 or 6 steps)."""
+    rows, cols = int(rng.integers(1, 3)), int(rng.integers(2, 5))
+    grid = _grid(rng, rows, cols)
+    threshold = int(rng.integers(1, 9))
+    question = f"How many digits in the image are greater than {threshold}?"
+    names = [_row_name(rows, r) for r in range(rows)]
+    steps = [_read_step(name, row) for name, row in zip(names, grid, strict=True)]
+    counts = []
+    for name, row in zip(names, grid, strict=True):
+        text, count = _count_step(name, row, threshold)
+        steps.append(text)
+        counts.append(count)
+    sums, total = _fold(counts, "+")
+    return grid, question, [*steps, *sums, _answer_step(total)]
+
+
+def _number_plus(rng: np.random.Generator):
+    """A row read as one number, plus or minus a constant: read, form, operate, answer (4)."""
+    rows, cols = int(rng.integers(1, 3)), int(rng.integers(2, 4))
+    grid = _grid(rng, rows, cols)
+    row = int(rng.integers(rows))
+    # A leading zero would make "the number formed" ambiguous, so the asked row never has one.
+    grid[row][0] = int(rng.integers(1, 10))
+    name = _row_name(rows, row)
+    number = int("".join(str(d) for d in grid[row]))
+    add = bool(rng.integers(2))
+    constant = int(rng.integers(1, 100 if add else min(99, number) + 1))
+    result = number + constant if add else number - constant
+    word, symbol = ("plus", "+") if add else ("minus", "-")
+    question = (
+        f"Read the digits in the {name} from left to right as one number. "
+        f"What is that number {word} {constant}?"
+    )
+    steps = [
+        _read_step(name, grid[row]),
+        f"Read from left to right, the {name} forms the number {number}.",
+        f"{number} {symbol} {constant} = {result}.",
+        _answer_step(result),
+    ]
+    return grid, question, steps
+
+
+_BUILDERS: dict[str, Callable] = {
+    "row_sum": _row_sum,
+    "row_product": _row_product,
+    "sum_of_products": _sum_of_products,
+    "row_difference": _row_difference,
+    "count_greater": _count_greater,
+    "number_plus": _number_plus,
+}
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _draw_scans(
+    grid: Sequence[Sequence[int]], split: str, rng: np.random.Generator
+) -> tuple[tuple[int, ...], ...]:
+    """For every digit of the grid, a scan of that digit from the split's pool."""
+    by_digit = _pool_by_digit(split)
+    return tuple(
+        tuple(int(by_digit[d][rng.integers(len(by_digit[d]))]) for d in row) for row in grid
+    )
+
+
+def generate_problem(split: str, index: int, seed: int) -> Problem:
+    """Problem number `index` of a split; depends only on (split, index, seed)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be non-negative, got seed={seed} index={index}")
+    # One generator per problem keeps a problem independent of n: the first k problems of a
+    # larger set are the k problems of a smaller one.
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    family = FAMILIES[int(rng.integers(len(FAMILIES)))]
+    grid, question, steps = _BUILDERS[family](rng)
+    problem_id = f"{split}-{index:05d}"
+    return Problem(
+        id=problem_id,
+        image=f"images/{problem_id}.png",
+        question=question,
+        answer=extract_answer(steps[-1]),
+        steps=tuple(steps),
+        family=family,
+        digits=tuple(tuple(int(d) for d in row) for row in grid),
+        scans=_draw_scans(grid, split, rng),
+    )
+
+
+def generate_problems(split: str, n: int, seed: int) -> list[Problem]:
+    """n problems of a split, deterministic in (split, n, seed)."""
+    return [generate_problem(split, i, seed) for i in range(n)]
+
+
+def write_split(problems: Sequence[Problem], out_dir: str | Path, split: str) -> Path:
+    """Writes out_dir/<split>.jsonl and out_dir/images/<id>.png; returns the JSONL path."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for problem in problems:
+        (out / problem.image).write_bytes(png_bytes(render_image(problem)))
+        lines.append(json.dumps(problem.to_record()))
+    path = out / f"{split}.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def _normalize_answer(text: str) -> str | None:
+    """Canonical form of a numeric answer ("015" -> "15", "1,024" -> "1024"), else None."""
+    cleaned = text.strip().rstrip(".").replace(",", "").strip()
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return None
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a model output: the number after the last "The answer is", or None."""
+    matches = _ANSWER_RE.findall(text)
+    return _normalize_answer(matches[-1]) if matches else None
+
+
+def is_correct(prediction: str | None, gold: str) -> bool:
+    """Whether an extracted answer equals the gold answer (numerically when both are numbers)."""
+    if prediction is None:
+        return False
+    pred, ref = _normalize_answer(prediction), _normalize_answer(gold)
+    if pred is not None and ref is not None:
+        return pred == ref
+    return prediction.strip().lower() == gold.strip().lower()
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def _steps_of(problem: Problem | Mapping) -> Sequence[str]:
+    return problem.steps if isinstance(problem, Problem) else problem["steps"]
+
+
+def applicable_kinds(problem: Problem | Mapping, step_index: int) -> tuple[str, ...]:
+    """The corruption kinds that yield a wrong step at this position."""
+    steps = _steps_of(problem)
+    text = steps[step_index]
+    is_read = _READ_RE.match(text) is not None
+    kinds = []
+    if is_read:
+        kinds.append("misread")
+    if not is_read and _RESULT_RE.search(text):
+        kinds.append("arithmetic_slip")
+    if step_index + 1 < len(steps) and steps[step_index + 1] != text:
+        kinds.append("skipped_step")
+    if step_index > 0 and steps[step_index - 1] != text:
+        kinds.append("repeated_step")
+    return tuple(kinds)
+
+
+def _misread(text: str, rng: np.random.Generator) -> str:
+    """Replaces one digit named by a reading step, preferring a visually confusable one."""
+    start = text.index(" shows ") + len(" shows ")
+    positions = [m.start() + start for m in re.finditer(r"\d", text[start:])]
+    pos = positions[int(rng.integers(len(positions)))]
+    true = int(text[pos])
+    if rng.random() < 0.7:
+        wrong = _CONFUSABLE[true][int(rng.integers(2))]
+    else:
+        wrong = int(rng.choice([d for d in range(10) if d != true]))
+    return text[:pos] + str(wrong) + text[pos + 1 :]
+
+
+def _slip(text: str, rng: np.random.Generator) -> str:
+    """Moves the result at the end of a step by 1-3, keeping counts and sums non-negative."""
+    match = _RESULT_RE.search(text)
+    value = int(match.group(1))
+    delta = int(rng.choice([-3, -2, -1, 1, 2, 3]))
+    if value >= 0 and value + delta < 0:
+        delta = -delta
+    return text[: match.start(1)] + str(value + delta) + text[match.end(1) :]
+
+
+def corrupt_step(
+    problem: Problem | Mapping,
+    step_index: int,
+    rng: np.random.Generator,
+    kind: str | None = None,
+) -> tuple[str, str]:
+    """A realistic wrong version of step `step_index` and its kind.
+
+    Kinds: "misread" (a reading step names a wrong digit), "arithmetic_slip" (a result off by
+    1-3), "skipped_step" (the step after this one placed here: the chain jumps ahead),
+    "repeated_step" (the previous step again). `kind=None` picks one of the applicable kinds;
+    naming a kind that does not apply raises ValueError.
+    """
+    steps = _steps_of(problem)
+    kinds = applicable_kinds(problem, step_index)
+    if kind is None:
+        if not kinds:
+            raise ValueError(f"no corruption applies to step {step_index}")
+        kind = kinds[int(rng.integers(len(kinds)))]
+    elif kind not in kinds:
+        raise ValueError(f"corruption {kind!r} does not apply to step {step_index}: {kinds}")
+    text = steps[step_index]
+    if kind == "misread":
+        wrong = _misread(text, rng)
+    elif kind == "arithmetic_slip":
+        wrong = _slip(text, rng)
+    elif kind == "skipped_step":
+        wrong = steps[step_index + 1]
+    else:
+        wrong = steps[step_index - 1]
+    return wrong, kind
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """CLI: generate one split and write it as JSONL plus PNG images."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--split", choices=SPLITS, required=True)
+    parser.add_argument("--n", type=int, required=True, help="number of problems")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    path = write_split(generate_problems(args.split, args.n, args.seed), args.out, args.split)
+    print(f"wrote {args.n} problems to {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""DigitMath: determinism, disjoint scan pools, families, gold chains, CLI, corruptions."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamr_jax.data import digitmath as dm
+
+N = 300  # enough for every family and both grid heights, small enough to stay fast
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return {split: dm.generate_problems(split, N, seed=7) for split in dm.SPLITS}
+
+
+def test_same_seed_same_records_and_png_bytes():
+    a, b = dm.generate_problems("train", 40, seed=3), dm.generate_problems("train", 40, seed=3)
+    assert [p.to_record() for p in a] == [p.to_record() for p in b]
+    assert [dm.png_bytes(dm.render_image(p)) for p in a] == [
+        dm.png_bytes(dm.render_image(p)) for p in b
+    ]
+    other = dm.generate_problems("train", 40, seed=4)
+    assert [p.to_record() for p in a] != [p.to_record() for p in other]
+
+
+def test_prefix_stable_and_ids():
+    # Problem i depends only on (split, i, seed), not on how many are generated.
+    big = dm.generate_problems("test", 30, seed=1)
+    assert dm.generate_problems("test", 10, seed=1) == big[:10]
+    assert big[7].id == "test-00007" and big[7].image == "images/test-00007.png"
+
+
+def test_bundled_scans_match_load_digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images, labels = dm._load_scans()
+    np.testing.assert_array_equal(images, data.images)
+    np.testing.assert_array_equal(labels, data.target)
+
+
+def test_scan_pools_fixed_disjoint_and_stratified():
+    pools = dm.scan_pools()
+    sets = {split: set(pool) for split, pool in pools.items()}
+    assert not sets["train"] & sets["val"]
+    assert not sets["train"] & sets["test"]
+    assert not sets["val"] & sets["test"]
+    assert sum(len(s) for s in sets.values()) == len(dm.scan_labels()) == 1797
+    labels = dm.scan_labels()
+    for split, share in (("train", 0.7), ("val", 0.1), ("test", 0.2)):
+        assert abs(len(pools[split]) / 1797 - share) < 0.02
+        assert set(labels[list(pools[split])]) == set(range(10))  # every digit in every pool
+
+
+def test_problems_use_only_their_split_scans_with_true_labels(problems):
+    pools = {split: set(pool) for split, pool in dm.scan_pools().items()}
+    labels = dm.scan_labels()
+    for split, items in problems.items():
+        for p in items:
+            used = [s for row in p.scans for s in row]
+            assert set(used) <= pools[split], p.id
+            assert [[int(labels[s]) for s in row] for row in p.scans] == [
+                list(row) for row in p.digits
+            ]
+
+
+def test_families_steps_and_answers(problems):
+    items = problems["train"]
+    assert {p.family for p in items} == set(dm.FAMILIES)
+    for p in items:
+        assert dm.MIN_STEPS <= len(p.steps) <= dm.MAX_STEPS, (p.family, p.steps)
+        assert all(step and dm.STEP_DELIMITER not in step for step in p.steps)
+        assert p.steps[-1] == f"The answer is {p.answer}."
+        assert dm.extract_answer(p.steps[-1]) == p.answer
+        assert dm.extract_answer(p.reasoning) == p.answer
+        assert p.steps[0].startswith("The ") and " shows " in p.steps[0]  # reading comes first
+
+
+def _row_of(p):
+    """The digits the question is about: the row named in the first step."""
+    return p.digits[1] if p.steps[0].startswith("The bottom") else p.digits[0]
+
+
+def test_gold_answers_follow_from_the_true_digits(problems):
+    for p in problems["val"]:
+        d, q = p.digits, p.question
+        if p.family == "row_sum":
+            expected = sum(_row_of(p))
+        elif p.family == "row_product":
+            expected = int(np.prod(_row_of(p)))
+        elif p.family == "sum_of_products":
+            expected = sum(a * b for a, b in zip(d[0], d[1], strict=True))
+        elif p.family == "row_difference":
+            expected = abs(sum(d[0]) - sum(d[1]))
+        elif p.family == "count_greater":
+            threshold = int(q.rstrip("?").split()[-1])
+            expected = sum(x > threshold for row in d for x in row)
+        else:
+            number = int("".join(map(str, _row_of(p))))
+            constant = int(q.rstrip("?").split()[-1])
+            expected = number + constant if " plus " in q else number - constant
+        assert p.answer == str(expected), (p.family, q, d, p.steps)
+
+
+def test_images_have_one_32px_cell_per_digit(problems):
+    for p in problems["test"][:20]:
+        image = dm.render_image(p)
+        assert image.mode == "L"
+        assert image.size == (32 * len(p.digits[0]), 32 * len(p.digits))
+
+
+def test_extract_answer_and_is_correct():
+    assert dm.extract_answer("a\n\nb\n\nThe answer is 42.") == "42"
+    assert dm.extract_answer("The answer is 3. No wait, the answer is -07.") == "-7"
+    assert dm.extract_answer("no final answer here") is None
+    assert dm.is_correct("42", "42") and dm.is_correct("042", "42") and dm.is_correct("42.", "42")
+    assert not dm.is_correct("41", "42") and not dm.is_correct(None, "42")
+
+
+def test_cli_writes_jsonl_and_images(tmp_path):
+    dm.main(["--split", "val", "--n", "12", "--seed", "5", "--out", str(tmp_path)])
+    lines = (tmp_path / "val.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    for line in lines:
+        record = json.loads(line)
+        assert {"id", "image", "question", "answer", "steps", "family", "digits"} <= set(record)
+        with Image.open(tmp_path / record["image"]) as image:
+            assert image.size == (32 * len(record["digits"][0]), 32 * len(record["digits"]))
+        assert dm.Problem.from_record(record).to_record() == record
+
+
+def test_corrupt_step_every_kind_gives_a_different_step(problems):
+    rng = np.random.default_rng(0)
+    seen = set()
+    for p in problems["train"][:60]:
+        for i, gold in enumerate(p.steps):
+            kinds = dm.applicable_kinds(p, i)
+            assert kinds, (p.steps, i)  # every position can be corrupted somehow
+            for kind in kinds:
+                wrong, got = dm.corrupt_step(p.to_record(), i, rng, kind=kind)
+                assert got == kind and wrong != gold and wrong.endswith(".")
+                assert dm.STEP_DELIMITER not in wrong
+                seen.add(kind)
+            wrong, kind = dm.corrupt_step(p, i, rng)
+            assert kind in kinds and wrong != gold
+    assert seen == set(dm.CORRUPTION_KINDS)
+
+
+def test_corruption_kinds_do_what_they_say():
+    p = next(q for q in dm.generate_problems("train", 50, 0) if q.family == "sum_of_products")
+    rng = np.random.default_rng(1)
+    misread, _ = dm.corrupt_step(p, 0, rng, kind="misread")
+    assert misread.startswith("The top row shows ") and len(misread) == len(p.steps[0])
+    slip, _ = dm.corrupt_step(p, 2, rng, kind="arithmetic_slip")
+    assert slip.split("=")[0] == p.steps[2].split("=")[0]  # same operands, wrong result
+    assert 1 <= abs(int(slip.split("=")[1].strip(" .")) - int(p.steps[2].split("=")[1].strip(" .")))
+    assert dm.corrupt_step(p, 2, rng, kind="skipped_step")[0] == p.steps[3]
+    assert dm.corrupt_step(p, 2, rng, kind="repeated_step")[0] == p.steps[1]
+    with pytest.raises(ValueError):
+        dm.corrupt_step(p, 0, rng, kind="repeated_step")  # nothing before the first step
