@@ -25,6 +25,11 @@ from dreamr_jax.parallel.rules import variable_sharding
 # ----------------------------------------------------------------------------------- config
 
 
+def _first_set(*values):
+    """The first value that is not None (token id 0 is a real id, not "unset")."""
+    return next(v for v in values if v is not None)
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """A ModelConfig from a transformers `Qwen3VLConfig` dict (config.json)."""
     if hf.get("model_type") not in ("qwen3_vl", None):
@@ -63,7 +68,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
         rope_theta=float(vrope.get("rope_theta", 10000.0)),
     )
-    eos = hf.get("eos_token_id", t.get("eos_token_id", 151645))
+    eos = _first_set(hf.get("eos_token_id"), t.get("eos_token_id"), 151645)
     cfg = ModelConfig(
         text=text,
         vision=vision,
@@ -75,7 +80,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         vision_start_token_id=hf.get("vision_start_token_id", 151652),
         vision_end_token_id=hf.get("vision_end_token_id", 151653),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
-        pad_token_id=hf.get("pad_token_id") or t.get("pad_token_id") or 151643,
+        pad_token_id=_first_set(hf.get("pad_token_id"), t.get("pad_token_id"), 151643),
     )
     cfg.validate()
     return cfg
@@ -207,18 +212,21 @@ def load_pretrained(
     graphdef, state = nnx.split(model)
     expected_keys = set()
     for p, var in _flat_params(state):
-        key, _, from_hf = hf_weight(p, cfg.vision)
+        key, to_hf, from_hf = hf_weight(p, cfg.vision)
         expected_keys.add(key)
         shape = var.get_value().shape
         if key not in tensors:
             raise KeyError(f"{path}: checkpoint has no tensor {key!r} (needed for shape {shape})")
         hf_shape = tensors.shape(key)
-        array = from_hf(tensors.get(key))
-        if array.shape != shape:
+        # Compare in checkpoint layout before converting: a reshape of a wrong-sized tensor
+        # would fail inside NumPy with a message that does not name the key.
+        want_hf_shape = to_hf(np.empty(shape, np.bool_)).shape
+        if hf_shape != want_hf_shape:
             raise ValueError(
                 f"{path}: tensor {key!r} has shape {list(hf_shape)}, the config "
-                f"needs {list(shape)} after conversion"
+                f"needs {list(want_hf_shape)}"
             )
+        array = from_hf(tensors.get(key))
         sharding = (
             variable_sharding(var, mesh)
             if mesh is not None
