@@ -239,20 +239,101 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PromptConfig:
+    """How (images, question, steps so far) become a chat, and how the target judges a step.
+
+    A judge query is the reasoning context, the candidate step with its terminator (the
+    delimiter, or EOS for a final step), then `judge_suffix`; the next token decides. CPN sums
+    the probabilities of `positive_words` and of `negative_words`, each of which must be a single
+    token of the model's tokenizer (checked when the prompt builder is made).
+    """
+
+    system: str = ""  # an optional system message
+    enable_thinking: bool = False  # open a <think> block after the assistant header
+    step_delimiter: str = "\n\n"
+    judge_suffix: str = "Is the last step correct? Answer Yes or No.\nAnswer:"
+    positive_words: tuple[str, ...] = (" Yes",)
+    negative_words: tuple[str, ...] = (" No",)
+
+    def validate(self, prefix: str = "prompt") -> None:
+        if not self.step_delimiter:
+            _fail(f"{prefix}.step_delimiter", "must not be empty")
+        if not self.positive_words or not self.negative_words:
+            _fail(prefix, "positive_words and negative_words must both be non-empty")
+        if set(self.positive_words) & set(self.negative_words):
+            _fail(prefix, "a word cannot be both positive and negative")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training/evaluation data of a run."""
+
+    dataset: str = "digitmath"
+    train_problems: int = 20000
+    val_problems: int = 200
+    data_seed: int = 0  # seed of the generated problems (the run's `seed` shuffles and inits)
+    judge_fraction: float = 0.0  # share of SFT examples that teach step judging (the target's)
+    seq_len: int = 160  # every example is padded to this many tokens; longer ones are an error
+    max_image_patches: int = 32  # every example's patches are padded to this many
+    tokenizer: str = ""  # HF tokenizer folder; "" builds the default DigitMath tokenizer
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.dataset != "digitmath":
+            _fail(f"{prefix}.dataset", f"unknown dataset {self.dataset!r} (known: digitmath)")
+        for name in ("train_problems", "seq_len", "max_image_patches"):
+            if getattr(self, name) <= 0:
+                _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        if self.val_problems < 0 or self.data_seed < 0:
+            _fail(prefix, "val_problems and data_seed must be non-negative")
+        if not 0 <= self.judge_fraction <= 1:
+            _fail(f"{prefix}.judge_fraction", f"must be in [0, 1], got {self.judge_fraction}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """End-of-training evaluation on the val split (greedy answers, and CPN for judges)."""
+
+    problems: int = 200
+    batch_size: int = 50
+    max_new_tokens: int = 160
+    judge: bool = False  # also measure the AUROC of the CPN score on correct vs corrupted steps
+
+    def validate(self, prefix: str = "eval") -> None:
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        if self.problems < 0:
+            _fail(f"{prefix}.problems", "must be non-negative")
+
+
+STAGES = ("sft",)
+
+
+@dataclass(frozen=True)
 class Config:
     """A run: the model, where it lives, and what the entry point does with it."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stage: str = "sft"
     seed: int = 0
     dtype: str = "float32"
     output_dir: str = "runs/default"
+    export_dir: str = ""  # where the final HF checkpoint goes; "" means <output_dir>/hf
 
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
         self.mesh.validate("mesh")
         self.train.validate("train")
+        self.data.validate("data")
+        self.prompt.validate("prompt")
+        self.eval.validate("eval")
+        if self.stage not in STAGES:
+            _fail("stage", f"unknown stage {self.stage!r}; expected one of {STAGES}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             _fail("dtype", f"unsupported dtype {self.dtype!r}")
 

@@ -244,9 +244,9 @@ def _grid(rng: np.random.Generator, rows: int, cols: int) -> list[list[int]]:
     return rng.integers(0, 10, size=(rows, cols)).tolist()
 
 
-def _row_fold(rng: np.random.Generator, symbol: str, noun: str):
-    """Sum or product of one row: read it, then cols-1 operations (3-5 steps)."""
-    rows, cols = int(rng.integers(1, 3)), int(rng.integers(2, 5))
+def _row_fold(rng: np.random.Generator, symbol: str, noun: str, max_cols: int):
+    """Sum or product of one row: read it, then cols-1 operations (3 to max_cols + 1 steps)."""
+    rows, cols = int(rng.integers(1, 3)), int(rng.integers(2, max_cols + 1))
     grid = _grid(rng, rows, cols)
     row = int(rng.integers(rows))
     name = _row_name(rows, row)
@@ -256,11 +256,13 @@ def _row_fold(rng: np.random.Generator, symbol: str, noun: str):
 
 
 def _row_sum(rng: np.random.Generator):
-    return _row_fold(rng, "+", "sum")
+    return _row_fold(rng, "+", "sum", max_cols=4)
 
 
 def _row_product(rng: np.random.Generator):
-    return _row_fold(rng, "*", "product")
+    # At most three factors: results stay below 1,000 (81 * 9), so every multiplication is a
+    # one- or two-digit number times a digit, which small models can learn exactly.
+    return _row_fold(rng, "*", "product", max_cols=3)
 
 
 def _sum_of_products(rng: np.random.Generator):

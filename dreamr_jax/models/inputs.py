@@ -123,6 +123,33 @@ def prepare_vision(
     )
 
 
+def pad_vision(vision: VisionInputs, total_patches: int, merge: int) -> VisionInputs:
+    """Appends blank patches up to `total_patches`, so batches with different image sizes share
+    one compiled shape. The blank patches form their own segment after every real one; their
+    merged features come last and no image token ever gathers them."""
+    n = vision.pixel_values.shape[0]
+    extra = total_patches - n
+    if extra < 0:
+        raise ValueError(f"{n} patches do not fit in total_patches={total_patches}")
+    if extra % (merge * merge):
+        raise ValueError(f"padding of {extra} patches is not a multiple of merge^2={merge**2}")
+    if extra == 0:
+        return vision
+
+    def grow(x, fill=0):
+        pad = np.full((extra,) + x.shape[1:], fill, x.dtype)
+        return np.concatenate([np.asarray(x), pad], axis=0)
+
+    next_segment = int(np.max(vision.segment_ids)) + 1 if n else 0
+    return VisionInputs(
+        pixel_values=grow(vision.pixel_values),
+        interp_index=grow(vision.interp_index),
+        interp_weight=grow(vision.interp_weight),
+        patch_hw=grow(vision.patch_hw),
+        segment_ids=grow(vision.segment_ids, next_segment),
+    )
+
+
 def mrope_positions(
     cfg: ModelConfig,
     input_ids: np.ndarray,

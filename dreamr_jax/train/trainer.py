@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dreamr_jax.config.loader import save_config
 from dreamr_jax.config.schema import Config
-from dreamr_jax.models.inputs import ModelInputs, prepare_inputs
+from dreamr_jax.models.inputs import ModelInputs, pad_vision, prepare_inputs
 from dreamr_jax.parallel.rules import logical_to_spec
 from dreamr_jax.train.loss import next_token_loss
 from dreamr_jax.train.metrics import MetricsWriter
@@ -48,15 +48,27 @@ def collate(model_cfg, batch: Example) -> tuple[ModelInputs, np.ndarray]:
     """Stacked examples -> ModelInputs and the loss mask `[batch, seq]`.
 
     Examples carry `input_ids`, `attention_mask`, `loss_mask` `[seq]`, and optionally
-    `pixel_values` `[patches, patch_dim]` with `image_grid_thw` `[images, 3]`.
+    `pixel_values` `[patches, patch_dim]` with `image_grid_thw` `[images, 3]`. With
+    `num_patches` `[]`, only the first `num_patches` rows of each example's `pixel_values` are
+    real; the packed patches are then padded back to `batch * patches`, a fixed shape.
     """
     pixel_values = grid = None
     if "pixel_values" in batch:
-        pixel_values = batch["pixel_values"].reshape(-1, batch["pixel_values"].shape[-1])
+        pixel_values = batch["pixel_values"]
+        if "num_patches" in batch:
+            counts = np.asarray(batch["num_patches"]).reshape(-1)
+            pixel_values = np.concatenate(
+                [rows[:n] for rows, n in zip(pixel_values, counts, strict=True)]
+            )
+        pixel_values = pixel_values.reshape(-1, pixel_values.shape[-1])
         grid = batch["image_grid_thw"].reshape(-1, 3)
     inputs, _ = prepare_inputs(
         model_cfg, batch["input_ids"], batch["attention_mask"], pixel_values, grid
     )
+    if "num_patches" in batch:
+        total = int(np.prod(batch["pixel_values"].shape[:-1]))
+        vision = pad_vision(inputs.vision, total, model_cfg.vision.spatial_merge_size)
+        inputs = dataclasses.replace(inputs, vision=vision)
     return inputs, np.asarray(batch["loss_mask"], bool)
 
 

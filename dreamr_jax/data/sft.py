@@ -1,0 +1,150 @@
+"""Supervised examples from DigitMath problems: gold reasoning chains, and step judging.
+
+A *reasoning* example is the prompt followed by the whole gold chain; the loss is on every step
+token and the final EOS. A *judge* example is the prompt, the first k gold steps, a candidate
+step k that is either the gold one or a realistic corruption of it (misread digit, arithmetic slip,
+skipped or repeated step), the judge suffix, and the verdict word; the loss is on the gold steps
+and the verdict. This is what the target's CPN score reads at inference.
+
+Examples are planned up front from the seed (which problem, which kind, which step, corrupted or
+not) and built lazily by a grain `map`, so the dataset is random-access and its order is
+reproducible and checkpointable. Every example is padded to fixed shapes (`seq_len` tokens,
+`max_image_patches` patches) so one compiled train step serves the whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from dreamr_jax.config.schema import DataConfig
+from dreamr_jax.data import digitmath
+from dreamr_jax.data.prompts import PromptBuilder
+from dreamr_jax.models.processor import process_images
+
+
+@dataclasses.dataclass(frozen=True)
+class ExamplePlan:
+    """What one example is: `judge_step` is None for a reasoning example; `corrupt_seed` is
+    None for a judge example whose candidate is the gold step."""
+
+    problem: int
+    judge_step: int | None = None
+    corrupt_seed: int | None = None
+
+
+def plan_examples(
+    problems: Sequence[digitmath.Problem], judge_fraction: float, seed: int
+) -> list[ExamplePlan]:
+    """One reasoning example per problem, plus judge examples so that they make up
+    `judge_fraction` of the total; half of the judge candidates are corrupted where a
+    corruption applies."""
+    rng = np.random.default_rng([seed, 17])
+    plans = [ExamplePlan(i) for i in range(len(problems))]
+    if judge_fraction <= 0:
+        return plans
+    n_judge = round(len(problems) * judge_fraction / max(1e-9, 1 - judge_fraction))
+    for _ in range(n_judge):
+        index = int(rng.integers(len(problems)))
+        problem = problems[index]
+        step = int(rng.integers(len(problem.steps)))
+        corrupt = rng.random() < 0.5 and bool(digitmath.applicable_kinds(problem, step))
+        plans.append(ExamplePlan(index, step, int(rng.integers(2**31)) if corrupt else None))
+    return plans
+
+
+def problem_image(problem: digitmath.Problem) -> Image.Image:
+    """The RGB picture of a problem, as serving reads it from its PNG."""
+    return digitmath.render_image(problem).convert("RGB")
+
+
+def judge_candidate(problem: digitmath.Problem, plan: ExamplePlan) -> tuple[str, bool]:
+    """The candidate step text of a judge example and whether it is correct."""
+    if plan.corrupt_seed is None:
+        return problem.steps[plan.judge_step], True
+    rng = np.random.default_rng(plan.corrupt_seed)
+    text, _ = digitmath.corrupt_step(problem, plan.judge_step, rng)
+    return text, False
+
+
+def is_final_step(text: str) -> bool:
+    """Whether a step states the answer (and so ends the chain with EOS)."""
+    return digitmath.extract_answer(text) is not None
+
+
+class SFTExampleBuilder:
+    """Turns an `ExamplePlan` into padded arrays (see `build`)."""
+
+    def __init__(
+        self,
+        problems: Sequence[digitmath.Problem],
+        builder: PromptBuilder,
+        processor,
+        data: DataConfig,
+    ):
+        self.problems, self.builder, self.processor, self.data = problems, builder, processor, data
+
+    def token_ids(self, plan: ExamplePlan, grid) -> tuple[list[int], list[bool]]:
+        """Token ids and which of them carry loss."""
+        b, problem = self.builder, self.problems[plan.problem]
+        prompt = b.prompt_ids(problem.question, [grid])
+        if plan.judge_step is None:
+            chain = b.steps_ids(problem.steps, complete=True)
+            return prompt + chain, [False] * len(prompt) + [True] * len(chain)
+        context = b.steps_ids(problem.steps[: plan.judge_step], complete=False)
+        text, correct = judge_candidate(problem, plan)
+        query = b.judge_ids(b.step_ids(text, final=is_final_step(text)))
+        ids = prompt + context + query + [b.verdict_id(correct)]
+        mask = [False] * len(prompt) + [True] * len(context) + [False] * len(query) + [True]
+        return ids, mask
+
+    def build(self, plan: ExamplePlan) -> dict[str, np.ndarray]:
+        """input_ids/attention_mask/loss_mask `[seq_len]`, pixel_values
+        `[max_image_patches, patch_dim]`, num_patches `[]`, image_grid_thw `[1, 3]`."""
+        problem = self.problems[plan.problem]
+        pixel_values, grid = process_images(self.processor, [problem_image(problem)])
+        ids, mask = self.token_ids(plan, grid[0].tolist())
+        seq_len, max_patches = self.data.seq_len, self.data.max_image_patches
+        if len(ids) > seq_len:
+            raise ValueError(
+                f"problem {problem.id}: example of {len(ids)} tokens exceeds data.seq_len={seq_len}"
+            )
+        if len(pixel_values) > max_patches:
+            raise ValueError(
+                f"problem {problem.id}: image of {len(pixel_values)} patches exceeds "
+                f"data.max_image_patches={max_patches}"
+            )
+        n = len(ids)
+        out_ids = np.full(seq_len, self.builder.model.pad_token_id, np.int32)
+        out_ids[:n] = ids
+        attention = np.zeros(seq_len, bool)
+        attention[:n] = True
+        loss_mask = np.zeros(seq_len, bool)
+        loss_mask[:n] = mask
+        patches = np.zeros((max_patches, pixel_values.shape[1]), np.float32)
+        patches[: len(pixel_values)] = pixel_values
+        return {
+            "input_ids": out_ids,
+            "attention_mask": attention,
+            "loss_mask": loss_mask,
+            "pixel_values": patches,
+            "num_patches": np.asarray(len(pixel_values), np.int32),
+            "image_grid_thw": grid.astype(np.int64),
+        }
+
+
+def sft_dataset(
+    problems: Sequence[digitmath.Problem],
+    builder: PromptBuilder,
+    processor,
+    data: DataConfig,
+    seed: int,
+) -> grain.MapDataset:
+    """A random-access grain dataset of padded SFT examples (reasoning, then judge ones)."""
+    plans = plan_examples(problems, data.judge_fraction, seed)
+    examples = SFTExampleBuilder(problems, builder, processor, data)
+    return grain.MapDataset.source(plans).map(examples.build)

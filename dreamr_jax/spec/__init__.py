@@ -1,0 +1,1 @@
+"""Speculative reasoning: step segmentation, the CPN/TBVM judge, and the decoding modes."""

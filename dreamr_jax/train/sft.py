@@ -1,0 +1,84 @@
+"""Stage `sft`: supervised training of a DigitMath model (target or draft) from scratch, its
+evaluation on the val split, and its export as a Hugging Face checkpoint directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from transformers import AutoTokenizer
+
+from dreamr_jax.config.schema import Config, DataConfig
+from dreamr_jax.data import digitmath
+from dreamr_jax.data.prompts import PromptBuilder
+from dreamr_jax.data.sft import SFTExampleBuilder, sft_dataset
+from dreamr_jax.data.tokenizer import build_default_tokenizer, save_tokenizer
+from dreamr_jax.models.hf_io import save_pretrained
+from dreamr_jax.models.init import init_model
+from dreamr_jax.models.processor import make_image_processor
+from dreamr_jax.parallel.mesh import mesh_from_config
+from dreamr_jax.train.evaluate import greedy_solve, judge_auroc
+from dreamr_jax.train.trainer import Trainer
+
+
+def load_tokenizer(data: DataConfig):
+    """The configured tokenizer folder, or the default DigitMath tokenizer (deterministic)."""
+    if data.tokenizer:
+        return AutoTokenizer.from_pretrained(data.tokenizer)
+    return build_default_tokenizer()
+
+
+def export_checkpoint(model, tokenizer, processor, path: str) -> str:
+    """Weights + config.json (safetensors), tokenizer and preprocessor config in one folder, the
+    layout transformers' `from_pretrained` and `dreamr_jax.load_pretrained` both read."""
+    save_pretrained(model, path)
+    save_tokenizer(tokenizer, path)
+    processor.save_pretrained(path)
+    return path
+
+
+def evaluate_model(cfg: Config, model, builder: PromptBuilder, processor) -> dict:
+    """Greedy answer accuracy on `eval.problems` val problems, and the judge AUROC if asked."""
+    problems = digitmath.generate_problems("val", cfg.eval.problems, cfg.data.data_seed)
+    started = time.perf_counter()
+    results = greedy_solve(
+        model,
+        builder,
+        processor,
+        problems,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+    )
+    metrics = {
+        "accuracy": sum(r["correct"] for r in results) / max(len(results), 1),
+        "problems": len(results),
+        "generate_s": time.perf_counter() - started,
+    }
+    if cfg.eval.judge:
+        examples = SFTExampleBuilder(problems, builder, processor, cfg.data)
+        metrics.update(
+            judge_auroc(model, examples, seed=cfg.data.data_seed, batch_size=cfg.eval.batch_size)
+        )
+    return metrics
+
+
+def run_sft(cfg: Config) -> dict:
+    """Trains, evaluates and exports; returns the final metrics (also in <output_dir>/eval.json)."""
+    tokenizer = load_tokenizer(cfg.data)
+    builder = PromptBuilder.create(tokenizer, cfg.model, cfg.prompt)
+    processor = make_image_processor(cfg.model.vision)
+    problems = digitmath.generate_problems("train", cfg.data.train_problems, cfg.data.data_seed)
+    dataset = sft_dataset(problems, builder, processor, cfg.data, cfg.data.data_seed)
+    mesh = mesh_from_config(cfg.mesh)
+    model = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, mesh=mesh)
+    trainer = Trainer(cfg, model, dataset, cfg.output_dir, mesh)
+    started = time.perf_counter()
+    result = trainer.run(evaluate=lambda m: evaluate_model(cfg, m, builder, processor))
+    metrics = {**result.metrics, "wall_s": time.perf_counter() - started, "step": result.step}
+    export_dir = cfg.export_dir or os.path.join(cfg.output_dir, "hf")
+    export_checkpoint(result.model, tokenizer, processor, export_dir)
+    metrics["export_dir"] = export_dir
+    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics

@@ -1,0 +1,122 @@
+"""SFT data: prompts built one way for every use, reasoning and judge examples with the right loss
+masks and verdicts, deterministic plans, and padded image batches that change nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from dreamr_jax.config import load_config
+from dreamr_jax.config.schema import PromptConfig
+from dreamr_jax.data import digitmath
+from dreamr_jax.data.prompts import PromptBuilder
+from dreamr_jax.data.sft import ExamplePlan, SFTExampleBuilder, plan_examples, sft_dataset
+from dreamr_jax.data.tokenizer import build_default_tokenizer
+from dreamr_jax.models import init_model
+from dreamr_jax.models.inputs import prepare_inputs
+from dreamr_jax.models.processor import make_image_processor
+from dreamr_jax.train.trainer import collate
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config("configs/digitmath/base.yaml")
+    tokenizer = build_default_tokenizer()
+    builder = PromptBuilder.create(tokenizer, cfg.model, cfg.prompt)
+    processor = make_image_processor(cfg.model.vision)
+    problems = digitmath.generate_problems("train", 40, 0)
+    return cfg, tokenizer, builder, processor, problems
+
+
+def test_steps_concatenate_to_the_tokenized_chain(setup):
+    _, tokenizer, builder, _, problems = setup
+    for p in problems[:10]:
+        ids = builder.steps_ids(p.steps, complete=True)
+        want = tokenizer.encode(p.reasoning, add_special_tokens=False) + [builder.eos_id]
+        assert ids == want
+
+
+def test_judge_words_must_be_single_tokens(setup):
+    cfg, tokenizer, _, _, _ = setup
+    bad = dataclasses.replace(cfg.prompt, positive_words=(" Absolutely correct",))
+    with pytest.raises(ValueError, match="positive_words"):
+        PromptBuilder.create(tokenizer, cfg.model, bad)
+    assert PromptBuilder.create(tokenizer, cfg.model, PromptConfig()).positive_ids
+
+
+def test_reasoning_and_judge_examples(setup):
+    cfg, tokenizer, builder, processor, problems = setup
+    data = dataclasses.replace(cfg.data, judge_fraction=0.5)
+    dataset = sft_dataset(problems, builder, processor, data, seed=0)
+    plans = plan_examples(problems, 0.5, 0)
+    assert len(dataset) == len(plans) == 80
+    n_wrong = 0
+    for plan, example in zip(plans, dataset, strict=True):
+        n = int(example["attention_mask"].sum())
+        assert example["input_ids"].shape == (cfg.data.seq_len,)
+        assert example["pixel_values"].shape == (32, cfg.model.vision.patch_dim)
+        ids, mask = example["input_ids"][:n], example["loss_mask"][:n]
+        assert not example["loss_mask"][n:].any()
+        problem = problems[plan.problem]
+        if plan.judge_step is None:
+            want = problem.reasoning + "<|im_end|>"
+            assert tokenizer.decode(ids[mask]) == want
+            continue
+        # The verdict is the last token and the only loss token after the gold prefix.
+        correct = plan.corrupt_seed is None
+        assert ids[-1] == builder.verdict_id(correct) and mask[-1]
+        gold_prefix = "".join(s + "\n\n" for s in problem.steps[: plan.judge_step])
+        assert tokenizer.decode(ids[mask][:-1]) == gold_prefix
+        n_wrong += not correct
+    assert 10 <= n_wrong <= 30  # about half of the 40 judge examples are corrupted
+    again = sft_dataset(problems, builder, processor, data, seed=0)
+    for i in (0, 41, 79):
+        assert all(np.array_equal(again[i][k], dataset[i][k]) for k in dataset[i])
+
+
+def test_corrupted_candidates_differ_from_gold(setup):
+    cfg, tokenizer, builder, processor, problems = setup
+    examples = SFTExampleBuilder(problems, builder, processor, cfg.data)
+    for index, problem in enumerate(problems[:10]):
+        for step in range(len(problem.steps)):
+            if not digitmath.applicable_kinds(problem, step):
+                continue
+            gold, _ = examples.token_ids(ExamplePlan(index, step, None), [1, 2, 4])
+            wrong, _ = examples.token_ids(ExamplePlan(index, step, 123), [1, 2, 4])
+            assert gold[:-1] != wrong[:-1]
+            assert gold[-1] == builder.positive_ids[0] and wrong[-1] == builder.negative_ids[0]
+
+
+def test_too_long_example_names_the_problem(setup):
+    cfg, _, builder, processor, problems = setup
+    data = dataclasses.replace(cfg.data, seq_len=20)
+    examples = SFTExampleBuilder(problems, builder, processor, data)
+    with pytest.raises(ValueError, match=f"problem {problems[0].id}.*seq_len=20"):
+        examples.build(ExamplePlan(0))
+
+
+def test_padded_image_batch_gives_the_same_logits(setup):
+    """collate packs each example's real patches and pads the batch to a fixed patch count; the
+    logits must equal those of the unpadded batch."""
+    cfg, _, builder, processor, problems = setup
+    model = init_model(cfg.model, seed=0)
+    examples = SFTExampleBuilder(problems, builder, processor, cfg.data)
+    batch = [examples.build(ExamplePlan(i)) for i in range(4)]
+    assert len({int(ex["num_patches"]) for ex in batch}) > 1  # mixed image sizes
+    stacked = {k: np.stack([ex[k] for ex in batch]) for k in batch[0]}
+    padded, _ = collate(cfg.model, stacked)
+    assert padded.vision.pixel_values.shape[0] == 4 * 32
+    real = np.concatenate([ex["pixel_values"][: ex["num_patches"]] for ex in batch])
+    plain, _ = prepare_inputs(
+        cfg.model,
+        stacked["input_ids"],
+        stacked["attention_mask"],
+        real,
+        stacked["image_grid_thw"].reshape(-1, 3),
+    )
+    mask = stacked["attention_mask"]
+    got = np.asarray(model.forward(padded)[0])[mask]
+    want = np.asarray(model.forward(plain)[0])[mask]
+    np.testing.assert_allclose(got, want, atol=1e-5)
