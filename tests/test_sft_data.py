@@ -50,7 +50,8 @@ def test_reasoning_and_judge_examples(setup):
     cfg, tokenizer, builder, processor, problems = setup
     data = dataclasses.replace(cfg.data, judge_fraction=0.5)
     dataset = sft_dataset(problems, builder, processor, data, seed=0)
-    plans = plan_examples(problems, 0.5, 0)
+    plans = plan_examples(problems, 0.5, 0, data.score_fraction)
+    assert 0 < sum(p.score for p in plans) < sum(p.judge_step is not None for p in plans)
     assert len(dataset) == len(plans) == 80
     n_wrong = 0
     for plan, example in zip(plans, dataset, strict=True):
@@ -66,7 +67,7 @@ def test_reasoning_and_judge_examples(setup):
             continue
         # The verdict is the last token and the only loss token after the gold prefix.
         correct = plan.corrupt_seed is None
-        assert ids[-1] == builder.verdict_id(correct) and mask[-1]
+        assert ids[-1] == builder.verdict_id(correct, score=plan.score) and mask[-1]
         gold_prefix = "".join(s + "\n\n" for s in problem.steps[: plan.judge_step])
         assert tokenizer.decode(ids[mask][:-1]) == gold_prefix
         n_wrong += not correct

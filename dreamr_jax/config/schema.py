@@ -254,6 +254,8 @@ class PromptConfig:
     judge_suffix: str = "Is the last step correct? Answer Yes or No.\nAnswer:"
     positive_words: tuple[str, ...] = (" Yes",)
     negative_words: tuple[str, ...] = (" No",)
+    # SpecReason's judge: the target rates the step 0-9 with one token; kept if >= the threshold.
+    score_suffix: str = "Rate the last step from 0 to 9.\nScore: "
 
     def validate(self, prefix: str = "prompt") -> None:
         if not self.step_delimiter:
@@ -273,6 +275,7 @@ class DataConfig:
     val_problems: int = 200
     data_seed: int = 0  # seed of the generated problems (the run's `seed` shuffles and inits)
     judge_fraction: float = 0.0  # share of SFT examples that teach step judging (the target's)
+    score_fraction: float = 0.25  # share of judge examples in SpecReason's 0-9 score format
     seq_len: int = 160  # every example is padded to this many tokens; longer ones are an error
     max_image_patches: int = 32  # every example's patches are padded to this many
     tokenizer: str = ""  # HF tokenizer folder; "" builds the default DigitMath tokenizer
@@ -285,8 +288,9 @@ class DataConfig:
                 _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
         if self.val_problems < 0 or self.data_seed < 0:
             _fail(prefix, "val_problems and data_seed must be non-negative")
-        if not 0 <= self.judge_fraction <= 1:
-            _fail(f"{prefix}.judge_fraction", f"must be in [0, 1], got {self.judge_fraction}")
+        for name in ("judge_fraction", "score_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                _fail(f"{prefix}.{name}", f"must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -304,6 +308,43 @@ class EvalConfig:
                 _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
         if self.problems < 0:
             _fail(f"{prefix}.problems", "must be non-negative")
+
+
+MODES = ("target", "draft", "sd", "specreason", "lookahead", "dreamr")
+FALLBACKS = ("lazy", "eager")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """The decoding mode and its knobs (DESIGN.md sections 1-2)."""
+
+    mode: str = "dreamr"
+    alpha: float = 0.7  # CPN accepts a step iff p > alpha; alpha >= 1 never accepts
+    window: int = 4  # W: draft steps verified together (dreamr, lookahead)
+    format_floor: float = 0.05  # s+ + s- below this: the judge ignored the format -> reject
+    fallback: str = "lazy"  # dreamr: target step after a rejection (lazy) or with the checks
+    max_step_tokens: int = 48  # a step is cut here if it has not reached the delimiter
+    max_new_tokens: int = 256  # whole chain
+    sd_tokens: int = 4  # sd: draft tokens per verification
+    score_threshold: int = 7  # specreason: keep a step whose 0-9 score is at least this
+    temperature: float = 0.0  # 0 = greedy; otherwise sampling (sd uses Leviathan acceptance)
+
+    def validate(self, prefix: str = "spec") -> None:
+        if self.mode not in MODES:
+            _fail(f"{prefix}.mode", f"unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.fallback not in FALLBACKS:
+            _fail(f"{prefix}.fallback", f"{self.fallback!r} is not one of {FALLBACKS}")
+        if not 0 <= self.alpha:
+            _fail(f"{prefix}.alpha", f"must be >= 0, got {self.alpha}")
+        if not 0 <= self.format_floor < 1:
+            _fail(f"{prefix}.format_floor", f"must be in [0, 1), got {self.format_floor}")
+        for name in ("window", "max_step_tokens", "max_new_tokens", "sd_tokens"):
+            if getattr(self, name) <= 0:
+                _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        if not 0 <= self.score_threshold <= 9:
+            _fail(f"{prefix}.score_threshold", f"must be in 0-9, got {self.score_threshold}")
+        if self.temperature < 0:
+            _fail(f"{prefix}.temperature", f"must be >= 0, got {self.temperature}")
 
 
 STAGES = ("sft",)
@@ -340,3 +381,59 @@ class Config:
 
 def is_config_class(tp: object) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+# --------------------------------------------------------------------------------- serving
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A checkpoint folder (HF layout); "" means the shipped DigitMath model."""
+
+    path: str = ""
+    dtype: str = "float32"
+
+    def validate(self, prefix: str) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            _fail(f"{prefix}.dtype", f"unsupported dtype {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class ServeDataConfig:
+    """Input of serve.py: a JSONL file (DESIGN.md section 6), or "" for the DigitMath test split
+    (`digitmath_problems` problems, generated next to the output)."""
+
+    input: str = ""
+    limit: int = 0  # 0 = every record
+    digitmath_problems: int = 200
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.limit < 0:
+            _fail(f"{prefix}.limit", f"must be >= 0, got {self.limit}")
+        if self.digitmath_problems <= 0:
+            _fail(f"{prefix}.digitmath_problems", "must be positive")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """A serve.py run: which models, which mode, which inputs, where the records go."""
+
+    target: ModelRef = field(default_factory=ModelRef)
+    draft: ModelRef = field(default_factory=ModelRef)
+    data: ServeDataConfig = field(default_factory=ServeDataConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    output: str = "runs/serve/output.jsonl"
+    seed: int = 0
+    warmup: int = 2  # problems solved (and discarded) first, so compilation is not timed
+
+    def validate(self, prefix: str = "") -> None:
+        self.target.validate("target")
+        self.draft.validate("draft")
+        self.data.validate("data")
+        self.spec.validate("spec")
+        self.prompt.validate("prompt")
+        if not self.output:
+            _fail("output", "must name a JSONL file")
+        if self.warmup < 0:
+            _fail("warmup", "must be >= 0")

@@ -7,7 +7,8 @@ with the step delimiter, or with EOS for the final step, so that a chain is the 
 its steps and a context can grow step by step (which is what the KV caches of the engine hold).
 
 A judge query (CPN) is `context + candidate step (with its terminator) + judge suffix`; the
-target's next-token distribution over the positive and negative words is the verdict.
+target's next-token distribution over the positive and negative words is the verdict. SpecReason's
+query is the same with the score suffix, answered by one digit token.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class PromptBuilder:
     judge_suffix_ids: tuple[int, ...]
     positive_ids: tuple[int, ...]
     negative_ids: tuple[int, ...]
+    score_suffix_ids: tuple[int, ...]
+    score_ids: tuple[int, ...]  # the tokens "0" .. "9"
 
     @classmethod
     def create(cls, tokenizer, model: ModelConfig, prompt: PromptConfig) -> PromptBuilder:
@@ -58,6 +61,8 @@ class PromptBuilder:
             judge_suffix_ids=encode(prompt.judge_suffix),
             positive_ids=tuple(single(w, "positive_words") for w in prompt.positive_words),
             negative_ids=tuple(single(w, "negative_words") for w in prompt.negative_words),
+            score_suffix_ids=encode(prompt.score_suffix),
+            score_ids=tuple(single(str(d), "score_suffix") for d in range(10)),
         )
 
     # ------------------------------------------------------------------------------- pieces
@@ -107,10 +112,14 @@ class PromptBuilder:
             out += self.step_ids(step, final=complete and i == len(steps) - 1)
         return out
 
-    def judge_ids(self, candidate_ids: Sequence[int]) -> list[int]:
-        """What follows a context to ask the judge about `candidate_ids` (a step + terminator)."""
-        return list(candidate_ids) + list(self.judge_suffix_ids)
+    def judge_ids(self, candidate_ids: Sequence[int], *, score: bool = False) -> list[int]:
+        """What follows a context to ask the judge about `candidate_ids` (a step + terminator):
+        CPN's yes/no question, or with `score` SpecReason's 0-9 rating."""
+        suffix = self.score_suffix_ids if score else self.judge_suffix_ids
+        return list(candidate_ids) + list(suffix)
 
-    def verdict_id(self, correct: bool) -> int:
-        """The token a trained judge answers with."""
+    def verdict_id(self, correct: bool, *, score: bool = False) -> int:
+        """The token a trained judge answers with (a 9 or a 0 in the score format)."""
+        if score:
+            return self.score_ids[9] if correct else self.score_ids[0]
         return self.positive_ids[0] if correct else self.negative_ids[0]

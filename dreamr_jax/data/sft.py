@@ -4,7 +4,9 @@ A *reasoning* example is the prompt followed by the whole gold chain; the loss i
 token and the final EOS. A *judge* example is the prompt, the first k gold steps, a candidate
 step k that is either the gold one or a realistic corruption of it (misread digit, arithmetic slip,
 skipped or repeated step), the judge suffix, and the verdict word; the loss is on the gold steps
-and the verdict. This is what the target's CPN score reads at inference.
+and the verdict. This is what the target's CPN score reads at inference. A share of the judge
+examples asks SpecReason's question instead (rate the step 0-9; answered 9 or 0), so that peer can
+run on the same target.
 
 Examples are planned up front from the seed (which problem, which kind, which step, corrupted or
 not) and built lazily by a grain `map`, so the dataset is random-access and its order is
@@ -30,19 +32,24 @@ from dreamr_jax.models.processor import process_images
 @dataclasses.dataclass(frozen=True)
 class ExamplePlan:
     """What one example is: `judge_step` is None for a reasoning example; `corrupt_seed` is
-    None for a judge example whose candidate is the gold step."""
+    None for a judge example whose candidate is the gold step; `score` asks for SpecReason's 0-9
+    rating instead of CPN's yes/no."""
 
     problem: int
     judge_step: int | None = None
     corrupt_seed: int | None = None
+    score: bool = False
 
 
 def plan_examples(
-    problems: Sequence[digitmath.Problem], judge_fraction: float, seed: int
+    problems: Sequence[digitmath.Problem],
+    judge_fraction: float,
+    seed: int,
+    score_fraction: float = 0.0,
 ) -> list[ExamplePlan]:
     """One reasoning example per problem, plus judge examples so that they make up
     `judge_fraction` of the total; half of the judge candidates are corrupted where a
-    corruption applies."""
+    corruption applies, and `score_fraction` of them use the 0-9 score format."""
     rng = np.random.default_rng([seed, 17])
     plans = [ExamplePlan(i) for i in range(len(problems))]
     if judge_fraction <= 0:
@@ -53,7 +60,8 @@ def plan_examples(
         problem = problems[index]
         step = int(rng.integers(len(problem.steps)))
         corrupt = rng.random() < 0.5 and bool(digitmath.applicable_kinds(problem, step))
-        plans.append(ExamplePlan(index, step, int(rng.integers(2**31)) if corrupt else None))
+        corrupt_seed = int(rng.integers(2**31)) if corrupt else None
+        plans.append(ExamplePlan(index, step, corrupt_seed, bool(rng.random() < score_fraction)))
     return plans
 
 
@@ -97,8 +105,8 @@ class SFTExampleBuilder:
             return prompt + chain, [False] * len(prompt) + [True] * len(chain)
         context = b.steps_ids(problem.steps[: plan.judge_step], complete=False)
         text, correct = judge_candidate(problem, plan)
-        query = b.judge_ids(b.step_ids(text, final=is_final_step(text)))
-        ids = prompt + context + query + [b.verdict_id(correct)]
+        query = b.judge_ids(b.step_ids(text, final=is_final_step(text)), score=plan.score)
+        ids = prompt + context + query + [b.verdict_id(correct, score=plan.score)]
         mask = [False] * len(prompt) + [True] * len(context) + [False] * len(query) + [True]
         return ids, mask
 
@@ -145,6 +153,6 @@ def sft_dataset(
     seed: int,
 ) -> grain.MapDataset:
     """A random-access grain dataset of padded SFT examples (reasoning, then judge ones)."""
-    plans = plan_examples(problems, data.judge_fraction, seed)
+    plans = plan_examples(problems, data.judge_fraction, seed, data.score_fraction)
     examples = SFTExampleBuilder(problems, builder, processor, data)
     return grain.MapDataset.source(plans).map(examples.build)

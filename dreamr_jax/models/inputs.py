@@ -43,12 +43,16 @@ class ModelInputs:
     input_ids: `[batch, seq]` int32. attention_mask: `[batch, seq]` bool, False on padding.
     positions: `[3, batch, seq]` int32 M-RoPE positions (T, H, W).
     vision: packed image patches, or None for text-only batches.
+    chunk_mask: optional `[batch, seq, seq]` bool, which tokens of this chunk each token may attend
+      to, replacing the causal rule inside the chunk (tree verification packs several branches
+      into one row); only used with a KV cache.
     """
 
     input_ids: jax.Array
     attention_mask: jax.Array
     positions: jax.Array
     vision: VisionInputs | None = None
+    chunk_mask: jax.Array | None = None
 
 
 def vision_patch_hw(grid_thw: np.ndarray, merge: int) -> np.ndarray:

@@ -90,6 +90,12 @@ class Qwen3VL(nnx.Module):
             query_slot = cache.length[:, None] + jnp.arange(t)[None, :]  # [batch, t]
             slots = jnp.arange(cache.max_len)
             mask = valid[:, None, :] & (slots[None, None, :] <= query_slot[..., None])
+            if inputs.chunk_mask is not None:
+                rel = slots[None, :] - cache.length[:, None]  # [batch, max_len]
+                in_chunk = (rel >= 0) & (rel < t)
+                index = jnp.broadcast_to(jnp.clip(rel, 0, t - 1)[:, None, :], mask.shape)
+                allowed = jnp.take_along_axis(inputs.chunk_mask, index, axis=2)
+                mask = jnp.where(in_chunk[:, None, :], allowed & valid[:, None, :], mask)
             new_k, new_v = cache.k, cache.v
 
         for i, layer in enumerate(text.layers):

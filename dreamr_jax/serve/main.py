@@ -1,0 +1,51 @@
+"""serve.py's job: load the pair, build the engine, answer the input file, print the summary."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from dreamr_jax.config.schema import ServeConfig
+from dreamr_jax.data import digitmath
+from dreamr_jax.serve.batch import serve
+from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET, load_checkpoint
+from dreamr_jax.spec.engine import Engine
+
+
+def default_input(cfg: ServeConfig) -> str:
+    """The DigitMath test split (seed 0), written next to the output once."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(cfg.output)), "digitmath-test")
+    path = os.path.join(folder, "test.jsonl")
+    problems = digitmath.generate_problems("test", cfg.data.digitmath_problems, 0)
+    if not os.path.exists(path) or sum(1 for _ in open(path)) != len(problems):
+        digitmath.write_split(problems, folder, "test")
+    return path
+
+
+def build_engine(cfg: ServeConfig) -> Engine:
+    target = load_checkpoint(cfg.target.path or DEFAULT_TARGET, cfg.prompt, dtype=cfg.target.dtype)
+    draft = None
+    if cfg.spec.mode != "target":
+        draft = load_checkpoint(cfg.draft.path or DEFAULT_DRAFT, cfg.prompt, dtype=cfg.draft.dtype)
+    return Engine(target, draft, cfg.spec, seed=cfg.seed)
+
+
+def format_summary(summary: dict) -> str:
+    rows = [(k, v) for k, v in summary.items()]
+    width = max(len(k) for k, _ in rows)
+
+    def show(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    return "\n".join(f"{k.ljust(width)}  {show(v)}" for k, v in rows)
+
+
+def run(cfg: ServeConfig) -> dict:
+    input_path = cfg.data.input or default_input(cfg)
+    if not os.path.exists(input_path):
+        raise FileNotFoundError(f"data.input: no such file {input_path}")
+    engine = build_engine(cfg)
+    summary = serve(cfg, engine, input_path)
+    print(format_summary(summary), file=sys.stdout)
+    print(f"records: {cfg.output}\nsummary: {cfg.output}.summary.json")
+    return summary

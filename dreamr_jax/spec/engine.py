@@ -1,0 +1,404 @@
+"""One engine, six decoding modes (DESIGN.md section 2), over one target and one draft.
+
+Every mode answers one request (images + question) at a time, so latencies are per problem; the
+parallelism of a mode comes from batching inside it: CPN verifies the W drafted steps of a window
+as W rows of one forward pass, and eager fallback / Lookahead generate the target's steps for all
+W positions as one batched step loop. Device work is dispatched before the host reads any verdict.
+
+Modes:
+- `target`, `draft`: one model alone, step by step.
+- `sd`: token-level speculative decoding (greedy: accept while the target's argmax agrees;
+  sampling: Leviathan et al. acceptance min(1, p/q) with the residual distribution).
+- `specreason`: draft a step, the target rates it 0-9 in one token, keep it if >= threshold, else
+  the target writes the step.
+- `lookahead`: draft W steps, the target writes its own step at all W+1 positions in one batched
+  pass; accept while equal (after whitespace normalisation), else while the target's CPN judge
+  accepts the draft step; the target's step replaces the first rejected one (or is a bonus step).
+- `dreamr`: CPN + FPSR: draft W steps, verify all W with one batched CPN pass, commit up to the
+  first rejection and the target's step there (computed after the rejection with `lazy`, or for
+  every position alongside the checks with `eager`), roll both caches back, next window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreamr_jax.config.schema import SpecConfig
+from dreamr_jax.models.inputs import pad_vision, prepare_inputs
+from dreamr_jax.models.processor import process_images
+from dreamr_jax.models.sampling import Sampling, filter_logits
+from dreamr_jax.spec.cpn import cpn_verdicts
+from dreamr_jax.spec.runner import ModelRunner, Session, rows_at, select_rows, truncate
+
+BUCKET = 32  # prompts are left-padded to a multiple of this, so few shapes are ever compiled
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """A step the engine wrote or considered. `committed` steps make up the output."""
+
+    text: str
+    author: str  # "draft" or "target"
+    tokens: list[int]
+    p: float | None = None  # CPN p (dreamr, lookahead) or score / 9 (specreason)
+    accepted: bool | None = None  # for draft proposals
+    committed: bool = True
+
+    def to_json(self) -> dict:
+        out = {"text": self.text, "author": self.author, "committed": self.committed}
+        if self.p is not None:
+            out["p"] = round(float(self.p), 6)
+        if self.accepted is not None:
+            out["accepted"] = bool(self.accepted)
+        return out
+
+
+@dataclasses.dataclass
+class Solution:
+    tokens: list[int]
+    steps: list[StepRecord]
+    proposed: int = 0  # draft steps (tokens for sd) put to the target
+    accepted: int = 0
+    target_calls: int = 0  # target forward launches (verification passes, step loops)
+    format_misses: int = 0  # CPN verdicts below the format floor
+    latency_s: float = 0.0
+
+
+class Engine:
+    def __init__(self, target, draft, spec: SpecConfig, *, seed: int = 0):
+        """target, draft: `LoadedModel`s (draft may be None for mode `target`)."""
+        self.spec, self.seed = spec, seed
+        self.builder = target.builder
+        self.processor = target.processor
+        delimiter = target.builder.prompt.step_delimiter
+        self.target = ModelRunner.create(target.model, target.tokenizer, delimiter)
+        self.draft = ModelRunner.create(draft.model, draft.tokenizer, delimiter) if draft else None
+        if spec.mode != "target" and self.draft is None:
+            raise ValueError(f"spec.mode={spec.mode!r} needs a draft model (draft.path)")
+        self.sampling = Sampling(temperature=spec.temperature)
+        self.eos = set(target.model.config.eos_token_ids)
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    def decode(self, tokens) -> str:
+        return self.builder.tokenizer.decode(
+            [t for t in tokens if t not in self.eos], skip_special_tokens=True
+        )
+
+    def prompt(self, question: str, images) -> tuple[list[int], object]:
+        """Prompt ids and the (padded) model inputs of a request."""
+        pixel_values, grid = process_images(self.processor, images)
+        ids = self.builder.prompt_ids(question, [g.tolist() for g in grid])
+        width = -(-len(ids) // BUCKET) * BUCKET
+        padded = np.full((1, width), self.builder.model.pad_token_id, np.int32)
+        padded[0, width - len(ids) :] = ids
+        mask = np.zeros((1, width), bool)
+        mask[0, width - len(ids) :] = True
+        inputs, _ = prepare_inputs(self.builder.model, padded, mask, pixel_values, grid)
+        n = len(pixel_values)
+        patches = max(64, 1 << (n - 1).bit_length())  # power of two: few vision shapes
+        merge = self.builder.model.vision.spatial_merge_size
+        inputs = dataclasses.replace(inputs, vision=pad_vision(inputs.vision, patches, merge))
+        return ids, inputs
+
+    def max_len(self, prompt_len: int) -> int:
+        s = self.spec
+        suffix = max(len(self.builder.judge_suffix_ids), len(self.builder.score_suffix_ids))
+        need = -(-prompt_len // BUCKET) * BUCKET + s.max_new_tokens
+        need += (s.window + 1) * s.max_step_tokens + suffix + s.sd_tokens + 8
+        return -(-need // 128) * 128
+
+    def _key(self, step: int):
+        return jax.random.key(self.seed * 1_000_003 + step)
+
+    def _take(self, tokens, n, row: int = 0) -> list[int]:
+        return [int(t) for t in np.asarray(tokens[row, : int(n[row])])]
+
+    # -------------------------------------------------------------------------------- modes
+
+    def solve(self, question: str, images) -> Solution:
+        started = time.perf_counter()
+        ids, inputs = self.prompt(question, images)
+        max_len = self.max_len(len(ids))
+        mode = self.spec.mode
+        if mode in ("target", "draft"):
+            runner = self.target if mode == "target" else self.draft
+            solution = self._autoregressive(runner, mode, inputs, max_len)
+        else:
+            t = self.target.start(inputs, max_len)
+            d = self.draft.start(inputs, max_len)
+            solution = getattr(self, f"_{mode}")(t, d)
+        solution.latency_s = time.perf_counter() - started
+        return solution
+
+    def _done(self, tokens: list[int]) -> bool:
+        return bool(tokens) and (tokens[-1] in self.eos or len(tokens) >= self.spec.max_new_tokens)
+
+    def _autoregressive(self, runner: ModelRunner, author: str, inputs, max_len) -> Solution:
+        session = runner.start(inputs, max_len)
+        sol = Solution([], [])
+        while not self._done(sol.tokens):
+            tokens, n, _, _, session = runner.step(
+                session, self._key(len(sol.tokens)), self.spec.max_step_tokens, self.sampling
+            )
+            step = self._take(tokens, n)
+            sol.target_calls += author == "target"
+            self._commit(sol, step, author)
+            if not step:
+                break
+        return sol
+
+    def _commit(self, sol: Solution, step: list[int], author: str, **record) -> None:
+        sol.tokens += step
+        sol.steps.append(StepRecord(self.decode(step), author, step, **record))
+
+    def _draft_window(self, d: Session, sol: Solution, limit: int):
+        """Up to `limit` draft steps. Returns (steps, logits before each step and after the
+        last, session)."""
+        steps, marks = [], [d.logits]
+        budget = self.spec.max_new_tokens - len(sol.tokens)
+        for _ in range(limit):
+            tokens, n, _, _, d = self.draft.step(
+                d, self._key(len(sol.tokens) + 7919), self.spec.max_step_tokens, self.sampling
+            )
+            step = self._take(tokens, n)
+            if not step:
+                break
+            steps.append(step)
+            marks.append(d.logits)
+            budget -= len(step)
+            if step[-1] in self.eos or budget <= 0:
+                break
+        return steps, marks, d
+
+    def _verify(self, t: Session, steps: list[list[int]], suffix_ids=None):
+        """Judge queries for every drafted step in one tree-shaped pass over the target's
+        session (donated). Returns (last-position logits `[k, vocab]` of each query, a function
+        `at(i, logits)` giving sessions cut back to the first i steps, logits after each step)."""
+        suffix = list(self.builder.judge_suffix_ids if suffix_ids is None else suffix_ids)
+        after, verdict, ends, tree, (length0, position0) = self.target.verify_tree(t, steps, suffix)
+        first = t.logits
+        offsets = np.concatenate([[0], ends])
+
+        def at(indices) -> Session:
+            """Rows cut back to the first i steps, for each i in `indices`."""
+            rows = jnp.asarray([int(offsets[i]) for i in indices], jnp.int32)
+            logits = jnp.concatenate(
+                [first if i == 0 else after[i - 1 : i] for i in indices], axis=0
+            )
+            return rows_at(tree, length0 + rows, position0 + rows, logits)
+
+        return verdict, at
+
+    def _cpn(self, verdict_logits):
+        return cpn_verdicts(
+            verdict_logits,
+            self.builder.positive_ids,
+            self.builder.negative_ids,
+            self.spec.alpha,
+            self.spec.format_floor,
+        )
+
+    def _resync_draft(self, d: Session, steps, marks, kept: int, new_step: list[int]) -> Session:
+        """Draft cache back to the first `kept` drafted steps, then the committed target step."""
+        drop = sum(len(s) for s in steps[kept:])
+        d = truncate(d, drop, marks[kept]) if drop else d
+        if new_step and new_step[-1] not in self.eos:
+            _, d = self.draft.extend(d, [new_step], [[0]])
+        return d
+
+    def _dreamr(self, t: Session, d: Session) -> Solution:
+        sol = Solution([], [])
+        eager = self.spec.fallback == "eager"
+        while not self._done(sol.tokens):
+            steps, marks, d = self._draft_window(d, sol, self.spec.window)
+            if not steps:
+                break
+            k = len(steps)
+            verdict_logits, at = self._verify(t, steps)
+            verdicts = self._cpn(verdict_logits)
+            sol.target_calls += 1
+            if eager:  # the target's step at every position, dispatched before any verdict
+                fallback = self.target.step(
+                    at(range(k)),
+                    self._key(len(sol.tokens) + 1),
+                    self.spec.max_step_tokens,
+                    self.sampling,
+                )
+                sol.target_calls += 1
+            ok, p = np.asarray(verdicts.accept), np.asarray(verdicts.p)
+            sol.format_misses += int(np.sum(~np.asarray(verdicts.format_ok)))
+            kept = int(np.argmin(ok)) if not ok.all() else k
+            sol.proposed += k
+            sol.accepted += kept
+            for i in range(kept):
+                self._commit(sol, steps[i], "draft", p=float(p[i]), accepted=True)
+            if kept == k:
+                t = at([k])
+                continue
+            rejected = steps[kept]
+            sol.steps.append(
+                StepRecord(self.decode(rejected), "draft", rejected, float(p[kept]), False, False)
+            )
+            if eager:
+                tokens, n, _, _, batch = fallback
+                new_step = self._take(tokens, n, kept)
+                t = select_rows(batch, [kept])
+            else:
+                tokens, n, _, _, t = self.target.step(
+                    at([kept]),
+                    self._key(len(sol.tokens) + 1),
+                    self.spec.max_step_tokens,
+                    self.sampling,
+                )
+                sol.target_calls += 1
+                new_step = self._take(tokens, n)
+            self._commit(sol, new_step, "target")
+            d = self._resync_draft(d, steps, marks, kept, new_step)
+        return sol
+
+    def _specreason(self, t: Session, d: Session) -> Solution:
+        sol = Solution([], [])
+        score_ids = jnp.asarray(self.builder.score_ids)
+        while not self._done(sol.tokens):
+            steps, marks, d = self._draft_window(d, sol, 1)
+            if not steps:
+                break
+            step = steps[0]
+            verdict_logits, at = self._verify(t, steps, self.builder.score_suffix_ids)
+            sol.target_calls += 1
+            score = int(np.argmax(np.asarray(verdict_logits[0][score_ids])))
+            sol.proposed += 1
+            if score >= self.spec.score_threshold:
+                sol.accepted += 1
+                self._commit(sol, step, "draft", p=score / 9, accepted=True)
+                t = at([1])
+                continue
+            sol.steps.append(StepRecord(self.decode(step), "draft", step, score / 9, False, False))
+            tokens, n, _, _, t = self.target.step(
+                at([0]), self._key(len(sol.tokens) + 1), self.spec.max_step_tokens, self.sampling
+            )
+            sol.target_calls += 1
+            new_step = self._take(tokens, n)
+            self._commit(sol, new_step, "target")
+            d = self._resync_draft(d, steps, marks, 0, new_step)
+        return sol
+
+    def _lookahead(self, t: Session, d: Session) -> Solution:
+        sol = Solution([], [])
+        while not self._done(sol.tokens):
+            steps, marks, d = self._draft_window(d, sol, self.spec.window)
+            if not steps:
+                break
+            k = len(steps)
+            # One pass over the drafted chain (with the judge queries, used on a mismatch), then
+            # the target writes its own step after every prefix of it, as k + 1 batched rows.
+            verdict_logits, at = self._verify(t, steps)
+            tokens, n, _, _, batch = self.target.step(
+                at(range(k + 1)),
+                self._key(len(sol.tokens) + 1),
+                self.spec.max_step_tokens,
+                self.sampling,
+            )
+            sol.target_calls += 2
+            target_steps = [self._take(tokens, n, i) for i in range(k + 1)]
+            verdicts = None
+            kept = 0
+            for i, step in enumerate(steps):
+                same = self.decode(step).strip() == self.decode(target_steps[i]).strip()
+                p = None
+                if not same:  # not the same words: the target judges whether the step holds
+                    verdicts = verdicts or self._cpn(verdict_logits)
+                    p = float(verdicts.p[i])
+                    same = bool(verdicts.accept[i])
+                sol.proposed += 1
+                if not same:
+                    sol.steps.append(StepRecord(self.decode(step), "draft", step, p, False, False))
+                    break
+                kept += 1
+                sol.accepted += 1
+                self._commit(sol, step, "draft", p=p, accepted=True)
+                if step[-1] in self.eos:
+                    break
+            if sol.tokens and sol.tokens[-1] in self.eos:
+                break
+            new_step = target_steps[kept]
+            self._commit(sol, new_step, "target")
+            t = select_rows(batch, [kept])
+            d = self._resync_draft(d, steps, marks, kept, new_step)
+        return sol
+
+    def _sd(self, t: Session, d: Session) -> Solution:
+        sol = Solution([], [])
+        rng = np.random.default_rng(self.seed)
+        while not self._done(sol.tokens):
+            tokens, n, _, draft_dists, d = self.draft.step(
+                d,
+                self._key(len(sol.tokens)),
+                self.spec.sd_tokens,
+                self.sampling,
+                stop=False,
+                keep_dists=True,
+            )
+            proposal = self._take(tokens, n)
+            k = len(proposal)
+            first = t.logits
+            logits, t = self.target.extend(t, [proposal], [list(range(k))])
+            target_logits = np.concatenate([np.asarray(first), np.asarray(logits[0])], axis=0)
+            sol.target_calls += 1
+            sol.proposed += k
+            kept, extra = self._sd_accept(proposal, target_logits, np.asarray(draft_dists[0]), rng)
+            sol.accepted += kept
+            committed = proposal[:kept]
+            if kept < k or proposal[-1] not in self.eos:
+                committed = committed + [extra]
+            sol.tokens += committed
+            # Both caches back to the accepted tokens, then the target's own token appended.
+            d_next = draft_dists[:, kept] if kept < k else d.logits
+            t_next = jnp.asarray(target_logits[kept : kept + 1])
+            t = truncate(t, k - kept, t_next) if kept < k else Session(t.cache, t_next)
+            d = truncate(d, k - kept, d_next) if kept < k else d
+            if committed[-1] not in self.eos:
+                _, t = self.target.extend(t, [[extra]], [[0]])
+                _, d = self.draft.extend(d, [[extra]], [[0]])
+        sol.tokens = sol.tokens[: self.spec.max_new_tokens]
+        sol.steps = self._split_steps(sol.tokens)
+        return sol
+
+    def _sd_accept(self, proposal, target_logits, draft_log_probs, rng) -> tuple[int, int]:
+        """How many proposed tokens the target keeps, and the token it adds after them.
+        target_logits: `[k + 1, vocab]` (before each proposed token, and after the last)."""
+        if self.sampling.temperature <= 0:
+            preds = np.argmax(target_logits, axis=-1)
+            kept = 0
+            while kept < len(proposal) and proposal[kept] == preds[kept]:
+                kept += 1
+            return kept, int(preds[kept])
+        probs = np.asarray(
+            jax.nn.softmax(filter_logits(jnp.asarray(target_logits), self.sampling), axis=-1)
+        )
+        q = np.exp(draft_log_probs)
+        for i, token in enumerate(proposal):
+            if rng.random() < min(1.0, probs[i, token] / max(q[i, token], 1e-20)):
+                continue
+            residual = np.maximum(probs[i] - q[i], 0)
+            residual = residual / residual.sum() if residual.sum() > 0 else probs[i]
+            return i, int(rng.choice(len(residual), p=residual))
+        last = probs[len(proposal)]
+        return len(proposal), int(rng.choice(len(last), p=last / last.sum()))
+
+    def _split_steps(self, tokens: list[int]) -> list[StepRecord]:
+        steps, current = [], []
+        for token in tokens:
+            current.append(token)
+            if token in self.target.stop_ids or token in self.eos:
+                steps.append(StepRecord(self.decode(current), "target", current))
+                current = []
+        if current:
+            steps.append(StepRecord(self.decode(current), "target", current))
+        return steps

@@ -1,0 +1,339 @@
+"""Device-side building blocks of every decoding mode, over split (graphdef, state).
+
+A model's per-request state is a `Session`: its KV cache holding the committed tokens and the
+next-token logits after them. Everything that touches the device is a plain `jax.jit` function:
+
+- `prefill`: the prompt (text + images) into an empty cache.
+- `extend`: a right-padded chunk of text tokens per row into the cache, returning the logits at
+  chosen positions (verification reads the judge verdicts and the logits after each candidate).
+- `generate_step`: one reasoning step per row inside a single `lax.while_loop`, stopping per row
+  on the step delimiter, EOS or the step cap; the cache is donated and updated in place.
+
+Rows that finish early keep running in the batch with their tokens masked out; each function ends
+by rolling every row back to exactly its own committed length, so caches never hold holes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dreamr_jax.models.generate import prefill
+from dreamr_jax.models.inputs import ModelInputs, prepare_inputs
+from dreamr_jax.models.kv_cache import KVCache, init_cache, rollback
+from dreamr_jax.models.sampling import GREEDY, Sampling, filter_logits, sample
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Session:
+    """cache: KV cache of the committed tokens; logits: `[batch, vocab]` next-token logits."""
+
+    cache: KVCache
+    logits: jax.Array
+
+    @property
+    def batch(self) -> int:
+        return self.logits.shape[0]
+
+
+def _text_positions(mask: jax.Array, next_position: jax.Array) -> jax.Array:
+    """M-RoPE positions `[3, batch, t]` of a right-padded text chunk (all three rows equal)."""
+    pos = next_position[:, None] + jnp.cumsum(mask, axis=1) - 1
+    return jnp.broadcast_to(jnp.where(mask, pos, 0)[None], (3, *mask.shape)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def extend(graphdef, state, tokens, mask, cache: KVCache, gather):
+    """Appends a right-padded chunk to every row.
+
+    tokens, mask: `[batch, t]` (mask True on the first n_b tokens of row b).
+    gather: `[batch, g]` chunk indices whose next-token logits to return.
+    Returns logits `[batch, g, vocab]` float32 and the cache, each row exactly n_b tokens longer.
+    """
+    model = nnx.merge(graphdef, state)
+    start = cache.length
+    inputs = ModelInputs(tokens, mask, _text_positions(mask, cache.next_position), None)
+    hidden, cache = model.hidden_states(inputs, cache)
+    n = mask.sum(axis=1).astype(jnp.int32)
+    cache = rollback(cache, start + n, cache.next_position)
+    picked = jnp.take_along_axis(hidden, gather[..., None], axis=1)
+    return model.logits(picked), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=6)
+def extend_tree(graphdef, state, tokens, mask, offsets, chunk_mask, cache: KVCache, gather):
+    """Appends a chunk whose tokens form a tree rather than a chain (one row per batch entry).
+
+    tokens, mask, offsets: `[batch, t]`; offsets are text positions relative to the cache's
+    next position (branches may reuse positions). chunk_mask: `[batch, t, t]`, which chunk
+    tokens each token sees. gather: `[batch, g]`. Returns logits `[batch, g, vocab]` and the
+    cache with the whole chunk written; the caller rolls it back to the branch it keeps.
+    """
+    model = nnx.merge(graphdef, state)
+    pos = jnp.where(mask, cache.next_position[:, None] + offsets, 0).astype(jnp.int32)
+    inputs = ModelInputs(
+        tokens, mask, jnp.broadcast_to(pos[None], (3, *pos.shape)), None, chunk_mask
+    )
+    hidden, cache = model.hidden_states(inputs, cache)
+    picked = jnp.take_along_axis(hidden, gather[..., None], axis=1)
+    return model.logits(picked), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9), donate_argnums=3)
+def generate_step(
+    graphdef,
+    state,
+    logits,
+    cache: KVCache,
+    key,
+    max_tokens: int,
+    sampling: Sampling,
+    stop_ids: tuple[int, ...],
+    eos_ids: tuple[int, ...],
+    keep_dists: bool = False,
+):
+    """One step per row from next-token `logits [batch, vocab]`.
+
+    Returns tokens `[batch, max_tokens]` (-1 after the end), the step length n `[batch]` (with its
+    terminator), whether it ended with EOS `[batch]`, with `keep_dists` the draw distribution of
+    every token `[batch, max_tokens, vocab]` (log-probs, for speculative sampling; else a
+    placeholder), the cache (each row n tokens longer) and the next-token logits after each row's
+    step.
+    """
+    model = nnx.merge(graphdef, state)
+    b, vocab = logits.shape
+    stop = jnp.asarray(stop_ids + eos_ids, jnp.int32)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    start = cache.length
+
+    def cond(carry):
+        i, active = carry[0], carry[3]
+        return (i < max_tokens) & jnp.any(active)
+
+    def body(carry):
+        i, tokens, log_probs, active, n, hit_eos, cache, logits, key = carry
+        key, sub = jax.random.split(key)
+        token = jnp.where(active, sample(logits, sub, sampling), -1)
+        tokens = tokens.at[:, i].set(token)
+        if keep_dists:
+            scaled = logits if sampling.greedy else filter_logits(logits, sampling)
+            log_probs = log_probs.at[:, i].set(jax.nn.log_softmax(scaled, axis=-1))
+        feed = jnp.maximum(token, 0)[:, None]
+        inputs = ModelInputs(
+            feed, active[:, None], _text_positions(active[:, None], cache.next_position), None
+        )
+        hidden, cache = model.hidden_states(inputs, cache)
+        new_logits = model.logits(hidden[:, 0])
+        logits = jnp.where(active[:, None], new_logits, logits)
+        n = n + active
+        ended = jnp.isin(token, stop)
+        hit_eos = hit_eos | (active & jnp.isin(token, eos))
+        active = active & ~ended
+        return i + 1, tokens, log_probs, active, n, hit_eos, cache, logits, key
+
+    carry = (
+        0,
+        jnp.full((b, max_tokens), -1, jnp.int32),
+        jnp.zeros((b, max_tokens, vocab) if keep_dists else (1, 1, 1), jnp.float32),
+        jnp.ones((b,), bool),
+        jnp.zeros((b,), jnp.int32),
+        jnp.zeros((b,), bool),
+        cache,
+        logits,
+        key,
+    )
+    _, tokens, log_probs, _, n, hit_eos, cache, logits, _ = jax.lax.while_loop(cond, body, carry)
+    cache = rollback(cache, start + n, cache.next_position)
+    return tokens, n, hit_eos, log_probs, cache, logits
+
+
+def select_rows(session: Session, rows) -> Session:
+    """The sessions of `rows` (a list of batch indices), as a new batch."""
+    rows = jnp.asarray(rows, jnp.int32)
+    cache = session.cache
+    return Session(
+        KVCache(
+            k=cache.k[:, rows],
+            v=cache.v[:, rows],
+            valid=cache.valid[rows],
+            length=cache.length[rows],
+            next_position=cache.next_position[rows],
+        ),
+        session.logits[rows],
+    )
+
+
+def concat_sessions(sessions: Sequence[Session]) -> Session:
+    """Stacks sessions along the batch (k/v batch is axis 1, everything else axis 0)."""
+    caches = [s.cache for s in sessions]
+    return Session(
+        KVCache(
+            k=jnp.concatenate([c.k for c in caches], axis=1),
+            v=jnp.concatenate([c.v for c in caches], axis=1),
+            valid=jnp.concatenate([c.valid for c in caches], axis=0),
+            length=jnp.concatenate([c.length for c in caches], axis=0),
+            next_position=jnp.concatenate([c.next_position for c in caches], axis=0),
+        ),
+        jnp.concatenate([s.logits for s in sessions], axis=0),
+    )
+
+
+def repeat_session(session: Session, n: int) -> Session:
+    """A batch of n copies of a one-row session."""
+    return select_rows(session, [0] * n)
+
+
+def rows_at(session: Session, lengths, positions, logits) -> Session:
+    """From a one-row session, len(lengths) rows cut back to `lengths` slots with next positions
+    `positions` and next-token logits `logits [rows, vocab]` (one row: no copy)."""
+    n = len(lengths)
+    base = session if n == 1 else select_rows(session, [0] * n)
+    cache = rollback(base.cache, jnp.asarray(lengths, jnp.int32), jnp.asarray(positions, jnp.int32))
+    return Session(cache, logits)
+
+
+def truncate(session: Session, drop: int, logits: jax.Array) -> Session:
+    """Drops the last `drop` tokens of every row and sets the next-token logits."""
+    cache = session.cache
+    cache = rollback(cache, cache.length - drop, cache.next_position - drop)
+    return Session(cache, logits)
+
+
+def pad_chunks(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token rows: ids `[batch, t]` int32 and mask `[batch, t]` bool (t >= 1)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
+@dataclasses.dataclass
+class ModelRunner:
+    """A model split once for the hot loop, with the token ids that end a step."""
+
+    model: object  # Qwen3VL
+    stop_ids: tuple[int, ...]
+    eos_ids: tuple[int, ...]
+    pad_id: int
+
+    def __post_init__(self):
+        self.graphdef, self.state = nnx.split(self.model)
+        self.config = self.model.config
+
+    @classmethod
+    def create(cls, model, tokenizer, delimiter: str) -> ModelRunner:
+        """Stop tokens: every vocabulary entry whose text contains the delimiter (a tokenizer may
+        merge it with the punctuation before it, e.g. Qwen's ".\\n\\n")."""
+        vocab = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(vocab)])
+        stop = tuple(i for i, t in enumerate(texts) if delimiter in t)
+        if not stop:
+            raise ValueError(f"no token of the tokenizer contains the delimiter {delimiter!r}")
+        cfg = model.config
+        return cls(model, stop, tuple(cfg.eos_token_ids), cfg.pad_token_id)
+
+    def start(self, inputs: ModelInputs, max_len: int) -> Session:
+        """Prefill of a one-row prompt."""
+        cache = init_cache(self.config.text, inputs.input_ids.shape[0], max_len, self.model.dtype)
+        logits, cache = prefill(self.graphdef, self.state, inputs, cache)
+        return Session(cache, logits)
+
+    def prompt_inputs(self, ids: Sequence[int], pixel_values, grid) -> ModelInputs:
+        inputs, _ = prepare_inputs(self.config, np.asarray([ids]), None, pixel_values, grid)
+        return inputs
+
+    def step(
+        self,
+        session: Session,
+        key,
+        max_tokens: int,
+        sampling: Sampling = GREEDY,
+        *,
+        stop: bool = True,
+        keep_dists: bool = False,
+    ):
+        """Generates one step per row (or up to `max_tokens` tokens, EOS only, with stop=False).
+        Returns (tokens `[batch, max_tokens]`, n `[batch]`, hit_eos `[batch]`, log_probs,
+        session), all still on device. Donates `session`."""
+        tokens, n, hit_eos, log_probs, cache, logits = generate_step(
+            self.graphdef,
+            self.state,
+            session.logits,
+            session.cache,
+            key,
+            max_tokens,
+            sampling,
+            self.stop_ids if stop else (),
+            self.eos_ids,
+            keep_dists,
+        )
+        return tokens, n, hit_eos, log_probs, Session(cache, logits)
+
+    def verify_tree(
+        self, session: Session, steps: Sequence[Sequence[int]], suffix: Sequence[int]
+    ) -> tuple:
+        """One row holding `steps` (a chain) and, after them, a copy of `suffix` per step that
+        sees only the steps up to its own: every candidate's judge query in one forward pass,
+        with no token computed twice.
+
+        Returns (logits after each step `[k, vocab]`, logits at the end of each suffix
+        `[k, vocab]`, ends: the chunk length through each step, the one-row session holding the
+        whole tree, the cache length and next position before it). Donates `session`.
+        """
+        ends = np.cumsum([len(s) for s in steps])
+        chain = [t for s in steps for t in s]
+        total, m = len(chain), len(suffix)
+        width = -(-(total + m * len(steps)) // 16) * 16
+        tokens = np.full((1, width), self.pad_id, np.int32)
+        mask = np.zeros((1, width), bool)
+        offsets = np.zeros((1, width), np.int32)
+        seen = np.zeros((1, width, width), bool)
+        tokens[0, :total], mask[0, :total] = chain, True
+        offsets[0, :total] = np.arange(total)
+        seen[0, :total, :total] = np.tril(np.ones((total, total), bool))
+        after, verdict = ends - 1, []
+        for i, end in enumerate(ends):
+            lo = total + i * m
+            tokens[0, lo : lo + m], mask[0, lo : lo + m] = suffix, True
+            offsets[0, lo : lo + m] = end + np.arange(m)
+            seen[0, lo : lo + m, :end] = True
+            seen[0, lo : lo + m, lo : lo + m] = np.tril(np.ones((m, m), bool))
+            verdict.append(lo + m - 1)
+        # Read before the cache is donated (already computed: the caller synced on the draft).
+        start = (np.asarray(session.cache.length), np.asarray(session.cache.next_position))
+        gather = np.asarray([list(after) + verdict], np.int32)
+        logits, cache = extend_tree(
+            self.graphdef, self.state, tokens, mask, offsets, seen, session.cache, gather
+        )
+        k = len(steps)
+        return logits[0, :k], logits[0, k:], ends, Session(cache, session.logits), start
+
+    def extend(self, session: Session, rows: Sequence[Sequence[int]], gather) -> tuple:
+        """Appends `rows` (one token list per batch row) and returns (logits at `gather`
+        `[batch, g, vocab]`, session whose logits are those after each row's last token).
+        Donates `session`."""
+        ids, mask = pad_chunks(rows, self.pad_id)
+        lengths = mask.sum(axis=1)
+        gather = np.asarray(gather, np.int32).reshape(len(rows), -1)
+        last = np.maximum(lengths - 1, 0)[:, None]
+        logits, cache = extend(
+            self.graphdef,
+            self.state,
+            ids,
+            mask,
+            session.cache,
+            np.concatenate([gather, last], axis=1),
+        )
+        # A row with nothing appended keeps its previous next-token logits.
+        after = jnp.where(jnp.asarray(lengths > 0)[:, None], logits[:, -1], session.logits)
+        return logits[:, :-1], Session(cache, after)
