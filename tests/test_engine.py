@@ -1,6 +1,7 @@
-"""The speculative engine on the shipped DigitMath pair: the invariants of DESIGN.md section 2
-(sd greedy and dreamr with alpha >= 1 reproduce target greedy token for token), step generation and
-cache rollback, and every mode producing a well-formed chain."""
+"""The speculative engine on a tiny random pair (peaked logits, see tiny_pair.py): the invariants
+of DESIGN.md section 2 (sd greedy and dreamr with alpha >= 1 reproduce target greedy token for
+token), step generation and cache rollback, tree verification, and well-formed chains in every
+mode."""
 
 from __future__ import annotations
 
@@ -9,22 +10,23 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from tiny_pair import make_tiny_pair
 
 from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
-from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET, load_checkpoint
+from dreamr_jax.serve.checkpoints import load_checkpoint
 from dreamr_jax.spec.engine import Engine
 from dreamr_jax.spec.runner import select_rows, truncate
 
 N_PROBLEMS = 12
+SPEC = SpecConfig(max_new_tokens=40, max_step_tokens=8)
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return load_checkpoint(DEFAULT_TARGET, PromptConfig()), load_checkpoint(
-        DEFAULT_DRAFT, PromptConfig()
-    )
+def pair(tmp_path_factory):
+    target, draft = make_tiny_pair(str(tmp_path_factory.mktemp("pair")))
+    return load_checkpoint(target, PromptConfig()), load_checkpoint(draft, PromptConfig())
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def problems():
 
 
 def _solve_all(pair, problems, **spec):
-    engine = Engine(*pair, dataclasses.replace(SpecConfig(), **spec))
+    engine = Engine(*pair, dataclasses.replace(SPEC, **spec))
     return engine, [engine.solve(p.question, [problem_image(p)]) for p in problems]
 
 
@@ -60,35 +62,32 @@ def test_greedy_invariants_reproduce_target(pair, problems, target_outputs, spec
 
 @pytest.mark.parametrize("mode", ["dreamr", "specreason", "lookahead", "draft"])
 def test_modes_write_well_formed_chains(pair, problems, mode):
-    engine, solutions = _solve_all(pair, problems, mode=mode)
+    engine, solutions = _solve_all(pair, problems[:4], mode=mode)
     for sol in solutions:
         committed = [t for s in sol.steps if s.committed for t in s.tokens]
         assert committed == sol.tokens
-        assert sol.tokens[-1] in engine.eos
+        assert sol.tokens[-1] in engine.eos or len(sol.tokens) >= SPEC.max_new_tokens
+        assert all(len(s.tokens) <= SPEC.max_step_tokens for s in sol.steps)
         assert sol.accepted <= sol.proposed
+        assert all(s.author in ("draft", "target") for s in sol.steps)
         if mode != "draft":
-            assert all(s.author in ("draft", "target") for s in sol.steps)
-    correct = [
-        digitmath.is_correct(digitmath.extract_answer(engine.decode(s.tokens)), p.answer)
-        for s, p in zip(solutions, problems, strict=True)
-    ]
-    assert np.mean(correct) >= (0.3 if mode == "draft" else 0.75)
+            assert sol.proposed > 0 and sol.target_calls > 0
 
 
 def test_rollback_then_regenerate_gives_the_same_step(pair, problems):
-    engine = Engine(*pair, SpecConfig(mode="target"))
+    engine = Engine(*pair, dataclasses.replace(SPEC, mode="target"))
     runner, p = engine.target, problems[0]
     ids, inputs = engine.prompt(p.question, [problem_image(p)])
     session = runner.start(inputs, engine.max_len(len(ids)))
     key = jax.random.key(0)
-    first, n1, _, _, session = runner.step(session, key, 48)
-    assert engine._take(first, n1)[-1] in runner.stop_ids
+    first, n1, _, _, session = runner.step(session, key, 8)
+    assert 0 < len(engine._take(first, n1)) <= 8
     logits_after_1 = session.logits
-    second, n2, _, _, session = runner.step(session, key, 48)
+    second, n2, _, _, session = runner.step(session, key, 8)
     step2 = engine._take(second, n2)
     # Back to the end of step 1, and step 2 again: same tokens.
     session = truncate(session, len(step2), logits_after_1)
-    again, n3, _, _, session = runner.step(session, key, 48)
+    again, n3, _, _, session = runner.step(session, key, 8)
     assert engine._take(again, n3) == step2
     # Chunked extend of a step gives the logits of token-by-token decoding.
     base = truncate(session, len(step2), logits_after_1)
@@ -103,7 +102,7 @@ def test_rollback_then_regenerate_gives_the_same_step(pair, problems):
 def test_tree_verification_equals_separate_judge_queries(pair, problems):
     """verify_tree packs k candidates and k judge suffixes in one row with a tree mask; every
     verdict and every after-step distribution must match a plain query of that branch alone."""
-    engine = Engine(*pair, SpecConfig(mode="dreamr"))
+    engine = Engine(*pair, dataclasses.replace(SPEC, mode="dreamr"))
     runner, p = engine.target, problems[1]
     ids, inputs = engine.prompt(p.question, [problem_image(p)])
     max_len = engine.max_len(len(ids))

@@ -58,7 +58,7 @@ def test_reasoning_and_judge_examples(setup):
         n = int(example["attention_mask"].sum())
         assert example["input_ids"].shape == (cfg.data.seq_len,)
         assert example["pixel_values"].shape == (32, cfg.model.vision.patch_dim)
-        ids, mask = example["input_ids"][:n], example["loss_mask"][:n]
+        ids, mask = example["input_ids"][:n], example["loss_mask"][:n] > 0
         assert not example["loss_mask"][n:].any()
         problem = problems[plan.problem]
         if plan.judge_step is None:
@@ -68,6 +68,7 @@ def test_reasoning_and_judge_examples(setup):
         # The verdict is the last token and the only loss token after the gold prefix.
         correct = plan.corrupt_seed is None
         assert ids[-1] == builder.verdict_id(correct, score=plan.score) and mask[-1]
+        assert example["loss_mask"][n - 1] == data.judge_loss_weight
         gold_prefix = "".join(s + "\n\n" for s in problem.steps[: plan.judge_step])
         assert tokenizer.decode(ids[mask][:-1]) == gold_prefix
         n_wrong += not correct
@@ -121,3 +122,33 @@ def test_padded_image_batch_gives_the_same_logits(setup):
     got = np.asarray(model.forward(padded)[0])[mask]
     want = np.asarray(model.forward(plain)[0])[mask]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_arithmetic_drills_are_true_facts_without_images(setup):
+    cfg, tokenizer, builder, processor, problems = setup
+    data = dataclasses.replace(cfg.data, judge_fraction=0.2, drill_fraction=0.2)
+    plans = plan_examples(problems, 0.2, 0, 0.0, 0.2)
+    drills = [i for i, p in enumerate(plans) if p.drill_seed is not None]
+    assert len(drills) == 13  # 40 chains are 60% of the examples
+    dataset = sft_dataset(problems, builder, processor, data, seed=0)
+    for i in drills[:3]:
+        example = dataset[i]
+        assert int(example["num_patches"]) == 0
+        n = int(example["attention_mask"].sum())
+        assert n > cfg.data.seq_len - 20 and example["loss_mask"][:n].all()
+        facts = tokenizer.decode(example["input_ids"][:n]).strip().split("\n\n")
+        for fact in facts:
+            a, op, b, _, result = fact.rstrip(".").split(" ")
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(
+                result
+            )
+    # A batch of drills only still gets fixed-shape (padding) vision inputs.
+    batch = [dataset[i] for i in drills[:2]] + [dataset[0]]
+    stacked = {k: np.stack([ex[k] for ex in batch]) for k in batch[0]}
+    inputs, weights = collate(cfg.model, stacked)
+    assert inputs.vision.pixel_values.shape[0] == 3 * 32 and weights.dtype == np.float32
+    only_drills = {k: v[:2] for k, v in stacked.items()}
+    inputs, _ = collate(cfg.model, only_drills)
+    assert inputs.vision.pixel_values.shape[0] == 2 * 32
+    model = init_model(cfg.model, seed=0)
+    assert np.isfinite(np.asarray(model.forward(inputs)[0])).all()

@@ -276,6 +276,8 @@ class DataConfig:
     data_seed: int = 0  # seed of the generated problems (the run's `seed` shuffles and inits)
     judge_fraction: float = 0.0  # share of SFT examples that teach step judging (the target's)
     score_fraction: float = 0.25  # share of judge examples in SpecReason's 0-9 score format
+    drill_fraction: float = 0.0  # share of text-only arithmetic drills (the chains' operations)
+    judge_loss_weight: float = 1.0  # loss weight of a judge verdict token (a chain token: 1)
     seq_len: int = 160  # every example is padded to this many tokens; longer ones are an error
     max_image_patches: int = 32  # every example's patches are padded to this many
     tokenizer: str = ""  # HF tokenizer folder; "" builds the default DigitMath tokenizer
@@ -288,9 +290,13 @@ class DataConfig:
                 _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
         if self.val_problems < 0 or self.data_seed < 0:
             _fail(prefix, "val_problems and data_seed must be non-negative")
-        for name in ("judge_fraction", "score_fraction"):
+        for name in ("judge_fraction", "score_fraction", "drill_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 _fail(f"{prefix}.{name}", f"must be in [0, 1], got {getattr(self, name)}")
+        if self.judge_fraction + self.drill_fraction >= 1:
+            _fail(prefix, "judge_fraction + drill_fraction must leave room for chains (< 1)")
+        if self.judge_loss_weight <= 0:
+            _fail(f"{prefix}.judge_loss_weight", "must be positive")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ class ExamplePlan:
     judge_step: int | None = None
     corrupt_seed: int | None = None
     score: bool = False
+    drill_seed: int | None = None  # an arithmetic drill (text only) instead of a problem
 
 
 def plan_examples(
@@ -46,15 +47,15 @@ def plan_examples(
     judge_fraction: float,
     seed: int,
     score_fraction: float = 0.0,
+    drill_fraction: float = 0.0,
 ) -> list[ExamplePlan]:
-    """One reasoning example per problem, plus judge examples so that they make up
-    `judge_fraction` of the total; half of the judge candidates are corrupted where a
-    corruption applies, and `score_fraction` of them use the 0-9 score format."""
+    """One reasoning example per problem, plus judge examples and arithmetic drills so that they
+    make up `judge_fraction` and `drill_fraction` of the total; half of the judge candidates are
+    corrupted where a corruption applies, and `score_fraction` of them use the 0-9 format."""
     rng = np.random.default_rng([seed, 17])
     plans = [ExamplePlan(i) for i in range(len(problems))]
-    if judge_fraction <= 0:
-        return plans
-    n_judge = round(len(problems) * judge_fraction / max(1e-9, 1 - judge_fraction))
+    rest = max(1e-9, 1 - judge_fraction - drill_fraction)
+    n_judge = round(len(problems) * judge_fraction / rest)
     for _ in range(n_judge):
         index = int(rng.integers(len(problems)))
         problem = problems[index]
@@ -62,7 +63,33 @@ def plan_examples(
         corrupt = rng.random() < 0.5 and bool(digitmath.applicable_kinds(problem, step))
         corrupt_seed = int(rng.integers(2**31)) if corrupt else None
         plans.append(ExamplePlan(index, step, corrupt_seed, bool(rng.random() < score_fraction)))
+    drills = np.random.default_rng([seed, 23]).integers(
+        2**31, size=round(len(problems) * drill_fraction / rest)
+    )
+    plans += [ExamplePlan(0, drill_seed=int(d)) for d in drills]
     return plans
+
+
+# Operand ranges of every operation the families write, so drills cover exactly the chains'
+# arithmetic: digit sums, running sums, a row number plus a constant, a row number minus one,
+# row-sum differences, running products.
+_DRILLS = (
+    ("+", (0, 10), lambda a: (0, 10)),
+    ("+", (0, 244), lambda a: (0, 82)),
+    ("+", (10, 1000), lambda a: (1, 100)),
+    ("-", (10, 1000), lambda a: (1, min(99, a) + 1)),
+    ("-", (0, 37), lambda a: (0, a + 1)),
+    ("*", (0, 82), lambda a: (0, 10)),
+)
+
+
+def arithmetic_fact(rng: np.random.Generator) -> str:
+    """One operation in the exact step form of the chains, e.g. "54 + 48 = 102."."""
+    symbol, (lo, hi), second = _DRILLS[int(rng.integers(len(_DRILLS)))]
+    a = int(rng.integers(lo, hi))
+    b = int(rng.integers(*second(a)))
+    result = {"+": a + b, "-": a - b, "*": a * b}[symbol]
+    return f"{a} {symbol} {b} = {result}."
 
 
 def problem_image(problem: digitmath.Problem) -> Image.Image:
@@ -96,26 +123,43 @@ class SFTExampleBuilder:
     ):
         self.problems, self.builder, self.processor, self.data = problems, builder, processor, data
 
-    def token_ids(self, plan: ExamplePlan, grid) -> tuple[list[int], list[bool]]:
-        """Token ids and which of them carry loss."""
+    def drill_ids(self, plan: ExamplePlan) -> tuple[list[int], list[float]]:
+        """Arithmetic facts, one step each, filling the sequence; every token carries loss."""
+        rng = np.random.default_rng(plan.drill_seed)
+        ids: list[int] = []
+        while True:
+            fact = self.builder.step_ids(arithmetic_fact(rng), final=False)
+            if len(ids) + len(fact) > self.data.seq_len:
+                return ids, [1.0] * len(ids)
+            ids += fact
+
+    def token_ids(self, plan: ExamplePlan, grid) -> tuple[list[int], list[float]]:
+        """Token ids and the loss weight of each (0 for context; the judge's verdict weighs
+        `data.judge_loss_weight`, since it is one token against a chain of dozens)."""
         b, problem = self.builder, self.problems[plan.problem]
         prompt = b.prompt_ids(problem.question, [grid])
         if plan.judge_step is None:
             chain = b.steps_ids(problem.steps, complete=True)
-            return prompt + chain, [False] * len(prompt) + [True] * len(chain)
+            return prompt + chain, [0.0] * len(prompt) + [1.0] * len(chain)
         context = b.steps_ids(problem.steps[: plan.judge_step], complete=False)
         text, correct = judge_candidate(problem, plan)
         query = b.judge_ids(b.step_ids(text, final=is_final_step(text)), score=plan.score)
         ids = prompt + context + query + [b.verdict_id(correct, score=plan.score)]
-        mask = [False] * len(prompt) + [True] * len(context) + [False] * len(query) + [True]
-        return ids, mask
+        mask = [0.0] * len(prompt) + [1.0] * len(context) + [0.0] * len(query)
+        return ids, mask + [self.data.judge_loss_weight]
 
     def build(self, plan: ExamplePlan) -> dict[str, np.ndarray]:
-        """input_ids/attention_mask/loss_mask `[seq_len]`, pixel_values
-        `[max_image_patches, patch_dim]`, num_patches `[]`, image_grid_thw `[1, 3]`."""
+        """input_ids/attention_mask `[seq_len]`, loss_mask `[seq_len]` float32 weights,
+        pixel_values `[max_image_patches, patch_dim]`, num_patches `[]` (0 for a drill, which
+        has no image), image_grid_thw `[1, 3]`."""
         problem = self.problems[plan.problem]
-        pixel_values, grid = process_images(self.processor, [problem_image(problem)])
-        ids, mask = self.token_ids(plan, grid[0].tolist())
+        patch_dim = self.builder.model.vision.patch_dim
+        if plan.drill_seed is not None:
+            pixel_values, grid = np.zeros((0, patch_dim), np.float32), np.zeros((1, 3), np.int64)
+            ids, mask = self.drill_ids(plan)
+        else:
+            pixel_values, grid = process_images(self.processor, [problem_image(problem)])
+            ids, mask = self.token_ids(plan, grid[0].tolist())
         seq_len, max_patches = self.data.seq_len, self.data.max_image_patches
         if len(ids) > seq_len:
             raise ValueError(
@@ -131,9 +175,9 @@ class SFTExampleBuilder:
         out_ids[:n] = ids
         attention = np.zeros(seq_len, bool)
         attention[:n] = True
-        loss_mask = np.zeros(seq_len, bool)
+        loss_mask = np.zeros(seq_len, np.float32)
         loss_mask[:n] = mask
-        patches = np.zeros((max_patches, pixel_values.shape[1]), np.float32)
+        patches = np.zeros((max_patches, patch_dim), np.float32)
         patches[: len(pixel_values)] = pixel_values
         return {
             "input_ids": out_ids,
@@ -153,6 +197,8 @@ def sft_dataset(
     seed: int,
 ) -> grain.MapDataset:
     """A random-access grain dataset of padded SFT examples (reasoning, then judge ones)."""
-    plans = plan_examples(problems, data.judge_fraction, seed, data.score_fraction)
+    plans = plan_examples(
+        problems, data.judge_fraction, seed, data.score_fraction, data.drill_fraction
+    )
     examples = SFTExampleBuilder(problems, builder, processor, data)
     return grain.MapDataset.source(plans).map(examples.build)

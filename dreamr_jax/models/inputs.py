@@ -127,6 +127,17 @@ def prepare_vision(
     )
 
 
+def empty_vision(patch_dim: int) -> VisionInputs:
+    """Vision inputs with no patches (a batch of text-only examples), for `pad_vision`."""
+    return VisionInputs(
+        pixel_values=np.zeros((0, patch_dim), np.float32),
+        interp_index=np.zeros((0, 4), np.int32),
+        interp_weight=np.zeros((0, 4), np.float32),
+        patch_hw=np.zeros((0, 2), np.int32),
+        segment_ids=np.zeros((0,), np.int32),
+    )
+
+
 def pad_vision(vision: VisionInputs, total_patches: int, merge: int) -> VisionInputs:
     """Appends blank patches up to `total_patches`, so batches with different image sizes share
     one compiled shape. The blank patches form their own segment after every real one; their

@@ -11,7 +11,8 @@ from dreamr_jax.models.inputs import ModelInputs
 def next_token_loss(model, inputs: ModelInputs, loss_mask: jax.Array) -> tuple[jax.Array, dict]:
     """Token-mean cross-entropy of predicting token t from tokens < t wherever `loss_mask[b, t]`.
 
-    loss_mask: `[batch, seq]` bool. Returns the loss and metrics (loss, accuracy, token count).
+    loss_mask: `[batch, seq]` bool, or float weights (a weighted token mean). Returns the loss
+    and metrics (loss, accuracy, token count = total weight).
     """
     logits, _ = model.forward(inputs)  # [batch, seq, vocab] float32
     targets = inputs.input_ids[:, 1:]

@@ -9,6 +9,7 @@ import time
 
 from transformers import AutoTokenizer
 
+from dreamr_jax.config.loader import save_config
 from dreamr_jax.config.schema import Config, DataConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.prompts import PromptBuilder
@@ -79,6 +80,12 @@ def run_sft(cfg: Config) -> dict:
     export_dir = cfg.export_dir or os.path.join(cfg.output_dir, "hf")
     export_checkpoint(result.model, tokenizer, processor, export_dir)
     metrics["export_dir"] = export_dir
-    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    # The run's resolved config and results travel with the weights (provenance).
+    save_config(cfg, os.path.join(export_dir, "dreamr_train_config.yaml"))
+    for path in (
+        os.path.join(cfg.output_dir, "eval.json"),
+        os.path.join(export_dir, "dreamr_train.json"),
+    ):
+        with open(path, "w") as f:
+            json.dump(metrics, f, indent=2)
     return metrics

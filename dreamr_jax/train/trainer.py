@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dreamr_jax.config.loader import save_config
 from dreamr_jax.config.schema import Config
-from dreamr_jax.models.inputs import ModelInputs, pad_vision, prepare_inputs
+from dreamr_jax.models.inputs import ModelInputs, empty_vision, pad_vision, prepare_inputs
 from dreamr_jax.parallel.rules import logical_to_spec
 from dreamr_jax.train.loss import next_token_loss
 from dreamr_jax.train.metrics import MetricsWriter
@@ -45,7 +45,7 @@ def batch_pipeline(
 
 
 def collate(model_cfg, batch: Example) -> tuple[ModelInputs, np.ndarray]:
-    """Stacked examples -> ModelInputs and the loss mask `[batch, seq]`.
+    """Stacked examples -> ModelInputs and the loss weights `[batch, seq]` float32.
 
     Examples carry `input_ids`, `attention_mask`, `loss_mask` `[seq]`, and optionally
     `pixel_values` `[patches, patch_dim]` with `image_grid_thw` `[images, 3]`. With
@@ -55,21 +55,26 @@ def collate(model_cfg, batch: Example) -> tuple[ModelInputs, np.ndarray]:
     pixel_values = grid = None
     if "pixel_values" in batch:
         pixel_values = batch["pixel_values"]
+        grid = batch["image_grid_thw"].reshape(-1, 3)
         if "num_patches" in batch:
+            # One image per example; text-only examples (num_patches 0) have none.
             counts = np.asarray(batch["num_patches"]).reshape(-1)
             pixel_values = np.concatenate(
                 [rows[:n] for rows, n in zip(pixel_values, counts, strict=True)]
             )
+            grid = grid[counts > 0]
         pixel_values = pixel_values.reshape(-1, pixel_values.shape[-1])
-        grid = batch["image_grid_thw"].reshape(-1, 3)
+        if not len(pixel_values):
+            pixel_values = grid = None
     inputs, _ = prepare_inputs(
         model_cfg, batch["input_ids"], batch["attention_mask"], pixel_values, grid
     )
     if "num_patches" in batch:
         total = int(np.prod(batch["pixel_values"].shape[:-1]))
-        vision = pad_vision(inputs.vision, total, model_cfg.vision.spatial_merge_size)
+        vision = inputs.vision or empty_vision(batch["pixel_values"].shape[-1])
+        vision = pad_vision(vision, total, model_cfg.vision.spatial_merge_size)
         inputs = dataclasses.replace(inputs, vision=vision)
-    return inputs, np.asarray(batch["loss_mask"], bool)
+    return inputs, np.asarray(batch["loss_mask"], np.float32)
 
 
 def shard_batch(tree, mesh: Mesh | None):
