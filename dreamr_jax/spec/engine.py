@@ -163,9 +163,9 @@ class Engine:
         steps, marks = [], [d.logits]
         budget = self.spec.max_new_tokens - len(sol.tokens)
         for _ in range(limit):
-            tokens, n, _, _, d = self.draft.step(
-                d, self._key(len(sol.tokens) + 7919), self.spec.max_step_tokens, self.sampling
-            )
+            # Keyed by the position the step starts at, so sampled steps get fresh randomness.
+            key = self._key(self.spec.max_new_tokens - budget + 7919)
+            tokens, n, _, _, d = self.draft.step(d, key, self.spec.max_step_tokens, self.sampling)
             step = self._take(tokens, n)
             if not step:
                 break
