@@ -83,13 +83,14 @@ _DRILLS = (
 )
 
 
-def arithmetic_fact(rng: np.random.Generator) -> str:
-    """One operation in the exact step form of the chains, e.g. "54 + 48 = 102."."""
+def arithmetic_fact(rng: np.random.Generator) -> tuple[str, str]:
+    """One operation in the exact step form of the chains, split before the result:
+    ("54 + 48 =", " 102.")."""
     symbol, (lo, hi), second = _DRILLS[int(rng.integers(len(_DRILLS)))]
     a = int(rng.integers(lo, hi))
     b = int(rng.integers(*second(a)))
     result = {"+": a + b, "-": a - b, "*": a * b}[symbol]
-    return f"{a} {symbol} {b} = {result}."
+    return f"{a} {symbol} {b} =", f" {result}."
 
 
 def problem_image(problem: digitmath.Problem) -> Image.Image:
@@ -124,14 +125,19 @@ class SFTExampleBuilder:
         self.problems, self.builder, self.processor, self.data = problems, builder, processor, data
 
     def drill_ids(self, plan: ExamplePlan) -> tuple[list[int], list[float]]:
-        """Arithmetic facts, one step each, filling the sequence; every token carries loss."""
+        """Arithmetic facts, one step each, filling the sequence. Only results carry loss: the
+        operands are random, so their tokens would add irreducible noise to the gradient."""
         rng = np.random.default_rng(plan.drill_seed)
         ids: list[int] = []
+        weights: list[float] = []
         while True:
-            fact = self.builder.step_ids(arithmetic_fact(rng), final=False)
-            if len(ids) + len(fact) > self.data.seq_len:
-                return ids, [1.0] * len(ids)
-            ids += fact
+            question, answer = arithmetic_fact(rng)
+            head = self.builder.encode(question)
+            tail = self.builder.step_ids(answer, final=False)
+            if len(ids) + len(head) + len(tail) > self.data.seq_len:
+                return ids, weights
+            ids += head + tail
+            weights += [0.0] * len(head) + [1.0] * len(tail)
 
     def token_ids(self, plan: ExamplePlan, grid) -> tuple[list[int], list[float]]:
         """Token ids and the loss weight of each (0 for context; the judge's verdict weighs
