@@ -10,9 +10,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 
 def _fail(key: str, message: str) -> None:
     raise ValueError(f"{key}: {message}")
+
+
+def _check_dtype(key: str, dtype: str) -> None:
+    if dtype not in DTYPE_NAMES:
+        _fail(key, f"unsupported dtype {dtype!r}; expected one of {DTYPE_NAMES}")
 
 
 @dataclass(frozen=True)
@@ -381,8 +388,7 @@ class Config:
         self.eval.validate("eval")
         if self.stage not in STAGES:
             _fail("stage", f"unknown stage {self.stage!r}; expected one of {STAGES}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            _fail("dtype", f"unsupported dtype {self.dtype!r}")
+        _check_dtype("dtype", self.dtype)
 
 
 def is_config_class(tp: object) -> bool:
@@ -400,8 +406,7 @@ class ModelRef:
     dtype: str = "float32"
 
     def validate(self, prefix: str) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            _fail(f"{prefix}.dtype", f"unsupported dtype {self.dtype!r}")
+        _check_dtype(f"{prefix}.dtype", self.dtype)
 
 
 @dataclass(frozen=True)

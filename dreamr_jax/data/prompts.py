@@ -112,6 +112,13 @@ class PromptBuilder:
             out += self.step_ids(step, final=complete and i == len(steps) - 1)
         return out
 
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Generated ids up to the first EOS, as text (special tokens dropped)."""
+        tokens = [int(t) for t in tokens]
+        eos = set(self.model.eos_token_ids)
+        end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+        return self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+
     def judge_ids(self, candidate_ids: Sequence[int], *, score: bool = False) -> list[int]:
         """What follows a context to ask the judge about `candidate_ids` (a step + terminator):
         CPN's yes/no question, or with `score` SpecReason's 0-9 rating."""

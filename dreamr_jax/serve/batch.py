@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dreamr_jax.config.schema import ServeConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
-from dreamr_jax.spec.engine import Engine, Solution
+from dreamr_jax.spec.engine import Engine, PromptTooLongError, Solution
 
 
 class RecordError(ValueError):
@@ -110,18 +110,16 @@ def solution_record(engine: Engine, rid: str, record: dict, sol: Solution) -> di
     return out
 
 
-def process(engine: Engine, rid: str, record: dict, folder: Path, max_positions: int) -> dict:
+def process(engine: Engine, rid: str, record: dict, folder: Path) -> dict:
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         raise RecordError("missing or empty field 'question'")
     images = load_images(record, folder)
-    ids, _ = engine.prompt(question, images)
-    if len(ids) + engine.spec.max_new_tokens > max_positions:
-        raise RecordError(
-            f"prompt of {len(ids)} tokens + spec.max_new_tokens={engine.spec.max_new_tokens} "
-            f"exceeds the model's limit of {max_positions} positions"
-        )
-    return solution_record(engine, rid, record, engine.solve(question, images))
+    try:
+        solution = engine.solve(question, images)
+    except PromptTooLongError as e:
+        raise RecordError(str(e)) from None
+    return solution_record(engine, rid, record, solution)
 
 
 def warm_up(engine: Engine, n: int) -> None:
@@ -144,7 +142,6 @@ def serve(cfg: ServeConfig, engine: Engine, input_path: str, progress: bool = Tr
             continue  # finished in an earlier run (or a duplicate id in the input)
         seen.add(rid)
         todo.append((rid, record, error))
-    max_positions = engine.target.config.text.max_position_embeddings
     if todo and cfg.warmup:
         warm_up(engine, cfg.warmup)
     started = time.perf_counter()
@@ -152,7 +149,7 @@ def serve(cfg: ServeConfig, engine: Engine, input_path: str, progress: bool = Tr
         for rid, record, error in tqdm(todo, desc=cfg.spec.mode, disable=not progress or None):
             if error is None:
                 try:
-                    line = process(engine, rid, record, folder, max_positions)
+                    line = process(engine, rid, record, folder)
                 except RecordError as e:
                     line = {"id": rid, "error": str(e)}
             else:

@@ -17,8 +17,11 @@ def default_input(cfg: ServeConfig) -> str:
     folder = os.path.join(os.path.dirname(os.path.abspath(cfg.output)), "digitmath-test")
     path = os.path.join(folder, "test.jsonl")
     problems = digitmath.generate_problems("test", cfg.data.digitmath_problems, 0)
-    if not os.path.exists(path) or sum(1 for _ in open(path)) != len(problems):
-        digitmath.write_split(problems, folder, "test")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if sum(1 for _ in f) == len(problems):
+                return path
+    digitmath.write_split(problems, folder, "test")
     return path
 
 

@@ -38,6 +38,10 @@ from dreamr_jax.spec.runner import ModelRunner, Session, rows_at, select_rows, t
 BUCKET = 32  # prompts are left-padded to a multiple of this, so few shapes are ever compiled
 
 
+class PromptTooLongError(ValueError):
+    """The prompt plus `spec.max_new_tokens` does not fit the target's positions."""
+
+
 @dataclasses.dataclass
 class StepRecord:
     """A step the engine wrote or considered. `committed` steps make up the output."""
@@ -86,14 +90,18 @@ class Engine:
     # ------------------------------------------------------------------------------ plumbing
 
     def decode(self, tokens) -> str:
-        return self.builder.tokenizer.decode(
-            [t for t in tokens if t not in self.eos], skip_special_tokens=True
-        )
+        return self.builder.decode(tokens)
 
     def prompt(self, question: str, images) -> tuple[list[int], object]:
         """Prompt ids and the (padded) model inputs of a request."""
         pixel_values, grid = process_images(self.processor, images)
         ids = self.builder.prompt_ids(question, [g.tolist() for g in grid])
+        limit = self.builder.model.text.max_position_embeddings
+        if len(ids) + self.spec.max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens + spec.max_new_tokens={self.spec.max_new_tokens} "
+                f"exceeds the model's limit of {limit} positions"
+            )
         width = -(-len(ids) // BUCKET) * BUCKET
         padded = np.full((1, width), self.builder.model.pad_token_id, np.int32)
         padded[0, width - len(ids) :] = ids
@@ -110,7 +118,9 @@ class Engine:
         s = self.spec
         suffix = max(len(self.builder.judge_suffix_ids), len(self.builder.score_suffix_ids))
         need = -(-prompt_len // BUCKET) * BUCKET + s.max_new_tokens
-        need += (s.window + 1) * s.max_step_tokens + suffix + s.sd_tokens + 8
+        # Past the committed tokens: a drafted window and its W judge suffixes (one tree chunk,
+        # padded to 16), or the target's step after it; sd's proposals.
+        need += (s.window + 1) * (s.max_step_tokens + suffix) + 16 + s.sd_tokens
         return -(-need // 128) * 128
 
     def _key(self, step: int):
@@ -212,6 +222,17 @@ class Engine:
             _, d = self.draft.extend(d, [new_step], [[0]])
         return d
 
+    def _target_takes_over(self, sol: Solution, base: Session, d: Session, steps, marks, kept):
+        """The target writes the step after the first `kept` drafted steps (on `base`, donated);
+        it is committed and the draft resynchronised. Returns (target, draft) sessions."""
+        tokens, n, _, _, t = self.target.step(
+            base, self._key(len(sol.tokens) + 1), self.spec.max_step_tokens, self.sampling
+        )
+        sol.target_calls += 1
+        new_step = self._take(tokens, n)
+        self._commit(sol, new_step, "target")
+        return t, self._resync_draft(d, steps, marks, kept, new_step)
+
     def _dreamr(self, t: Session, d: Session) -> Solution:
         sol = Solution([], [])
         eager = self.spec.fallback == "eager"
@@ -245,19 +266,12 @@ class Engine:
             sol.steps.append(
                 StepRecord(self.decode(rejected), "draft", rejected, float(p[kept]), False, False)
             )
-            if eager:
-                tokens, n, _, _, batch = fallback
-                new_step = self._take(tokens, n, kept)
-                t = select_rows(batch, [kept])
-            else:
-                tokens, n, _, _, t = self.target.step(
-                    at([kept]),
-                    self._key(len(sol.tokens) + 1),
-                    self.spec.max_step_tokens,
-                    self.sampling,
-                )
-                sol.target_calls += 1
-                new_step = self._take(tokens, n)
+            if not eager:
+                t, d = self._target_takes_over(sol, at([kept]), d, steps, marks, kept)
+                continue
+            tokens, n, _, _, batch = fallback
+            new_step = self._take(tokens, n, kept)
+            t = select_rows(batch, [kept])
             self._commit(sol, new_step, "target")
             d = self._resync_draft(d, steps, marks, kept, new_step)
         return sol
@@ -280,13 +294,7 @@ class Engine:
                 t = at([1])
                 continue
             sol.steps.append(StepRecord(self.decode(step), "draft", step, score / 9, False, False))
-            tokens, n, _, _, t = self.target.step(
-                at([0]), self._key(len(sol.tokens) + 1), self.spec.max_step_tokens, self.sampling
-            )
-            sol.target_calls += 1
-            new_step = self._take(tokens, n)
-            self._commit(sol, new_step, "target")
-            d = self._resync_draft(d, steps, marks, 0, new_step)
+            t, d = self._target_takes_over(sol, at([0]), d, steps, marks, 0)
         return sol
 
     def _lookahead(self, t: Session, d: Session) -> Solution:
@@ -349,10 +357,10 @@ class Engine:
             k = len(proposal)
             first = t.logits
             logits, t = self.target.extend(t, [proposal], [list(range(k))])
-            target_logits = np.concatenate([np.asarray(first), np.asarray(logits[0])], axis=0)
+            target_logits = jnp.concatenate([first, logits[0]], axis=0)  # [k + 1, vocab]
             sol.target_calls += 1
             sol.proposed += k
-            kept, extra = self._sd_accept(proposal, target_logits, np.asarray(draft_dists[0]), rng)
+            kept, extra = self._sd_accept(proposal, target_logits, draft_dists[0], rng)
             sol.accepted += kept
             committed = proposal[:kept]
             if kept < k or proposal[-1] not in self.eos:
@@ -360,7 +368,7 @@ class Engine:
             sol.tokens += committed
             # Both caches back to the accepted tokens, then the target's own token appended.
             d_next = draft_dists[:, kept] if kept < k else d.logits
-            t_next = jnp.asarray(target_logits[kept : kept + 1])
+            t_next = target_logits[kept : kept + 1]
             t = truncate(t, k - kept, t_next) if kept < k else Session(t.cache, t_next)
             d = truncate(d, k - kept, d_next) if kept < k else d
             if committed[-1] not in self.eos:
@@ -372,17 +380,16 @@ class Engine:
 
     def _sd_accept(self, proposal, target_logits, draft_log_probs, rng) -> tuple[int, int]:
         """How many proposed tokens the target keeps, and the token it adds after them.
-        target_logits: `[k + 1, vocab]` (before each proposed token, and after the last)."""
+        target_logits: `[k + 1, vocab]` (before each proposed token, and after the last);
+        draft_log_probs: `[>= k, vocab]`; both on device."""
         if self.sampling.temperature <= 0:
-            preds = np.argmax(target_logits, axis=-1)
+            preds = np.asarray(jnp.argmax(target_logits, axis=-1))
             kept = 0
             while kept < len(proposal) and proposal[kept] == preds[kept]:
                 kept += 1
             return kept, int(preds[kept])
-        probs = np.asarray(
-            jax.nn.softmax(filter_logits(jnp.asarray(target_logits), self.sampling), axis=-1)
-        )
-        q = np.exp(draft_log_probs)
+        probs = np.asarray(jax.nn.softmax(filter_logits(target_logits, self.sampling), axis=-1))
+        q = np.exp(np.asarray(draft_log_probs))
         for i, token in enumerate(proposal):
             if rng.random() < min(1.0, probs[i, token] / max(q[i, token], 1e-20)):
                 continue

@@ -170,26 +170,6 @@ def select_rows(session: Session, rows) -> Session:
     )
 
 
-def concat_sessions(sessions: Sequence[Session]) -> Session:
-    """Stacks sessions along the batch (k/v batch is axis 1, everything else axis 0)."""
-    caches = [s.cache for s in sessions]
-    return Session(
-        KVCache(
-            k=jnp.concatenate([c.k for c in caches], axis=1),
-            v=jnp.concatenate([c.v for c in caches], axis=1),
-            valid=jnp.concatenate([c.valid for c in caches], axis=0),
-            length=jnp.concatenate([c.length for c in caches], axis=0),
-            next_position=jnp.concatenate([c.next_position for c in caches], axis=0),
-        ),
-        jnp.concatenate([s.logits for s in sessions], axis=0),
-    )
-
-
-def repeat_session(session: Session, n: int) -> Session:
-    """A batch of n copies of a one-row session."""
-    return select_rows(session, [0] * n)
-
-
 def rows_at(session: Session, lengths, positions, logits) -> Session:
     """From a one-row session, len(lengths) rows cut back to `lengths` slots with next positions
     `positions` and next-token logits `logits [rows, vocab]` (one row: no copy)."""
@@ -207,8 +187,10 @@ def truncate(session: Session, drop: int, logits: jax.Array) -> Session:
 
 
 def pad_chunks(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pads token rows: ids `[batch, t]` int32 and mask `[batch, t]` bool (t >= 1)."""
-    width = max(1, max(len(r) for r in rows))
+    """Right-pads token rows: ids `[batch, t]` int32 and mask `[batch, t]` bool. t is the next
+    power of two of the longest row, so chunks of any length (a committed step fed to the
+    draft, sd's proposals) reuse a handful of compiled shapes."""
+    width = 1 << (max(1, max(len(r) for r in rows)) - 1).bit_length()
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), bool)
     for i, row in enumerate(rows):

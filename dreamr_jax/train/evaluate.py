@@ -22,14 +22,6 @@ from dreamr_jax.spec.cpn import cpn_scores
 from dreamr_jax.train.trainer import collate
 
 
-def decode_chain(builder: PromptBuilder, tokens: Sequence[int]) -> str:
-    """Generated ids up to the first EOS, as text (special tokens dropped)."""
-    tokens = [int(t) for t in tokens]
-    eos = set(builder.model.eos_token_ids)
-    end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
-    return builder.tokenizer.decode(tokens[:end], skip_special_tokens=True)
-
-
 def greedy_solve(
     model,
     builder: PromptBuilder,
@@ -47,11 +39,10 @@ def greedy_solve(
     for start in tqdm(batches, desc="generate", disable=not progress or None, leave=False):
         chunk = problems[start : start + batch_size]
         pixel_values, grids = process_images(processor, [problem_image(p) for p in chunk])
-        prompts = [b_ids for b_ids in _prompts(builder, chunk, grids)]
-        ids, mask = left_pad(prompts, builder.model.pad_token_id)
+        ids, mask = left_pad(_prompts(builder, chunk, grids), builder.model.pad_token_id)
         out = generate(model, ids, mask, pixel_values, grids, max_new_tokens=max_new_tokens)
         for problem, row in zip(chunk, np.asarray(out), strict=True):
-            text = decode_chain(builder, row)
+            text = builder.decode(row)
             prediction = digitmath.extract_answer(text)
             eos = np.isin(row, builder.model.eos_token_ids)
             results.append(
