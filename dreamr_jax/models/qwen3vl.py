@@ -88,6 +88,7 @@ class Qwen3VL(nnx.Module):
         else:
             valid = write_rows(cache.valid, token_mask, cache.length)
             query_slot = cache.length[:, None] + jnp.arange(t)[None, :]  # [batch, t]
+            rows = jnp.arange(ids.shape[0])[:, None]
             slots = jnp.arange(cache.max_len)
             mask = valid[:, None, :] & (slots[None, None, :] <= query_slot[..., None])
             if inputs.chunk_mask is not None:
@@ -104,9 +105,11 @@ class Qwen3VL(nnx.Module):
             else:
 
                 def kv_fn(k, v, i=i):
+                    # One scatter into the stacked (donated) cache: XLA updates it in place,
+                    # where slicing out layer i and writing it back copied the whole layer.
                     nonlocal new_k, new_v
-                    new_k = new_k.at[i].set(write_rows(new_k[i], k, cache.length))
-                    new_v = new_v.at[i].set(write_rows(new_v[i], v, cache.length))
+                    new_k = new_k.at[i, rows, query_slot].set(k.astype(new_k.dtype), mode="drop")
+                    new_v = new_v.at[i, rows, query_slot].set(v.astype(new_v.dtype), mode="drop")
                     return new_k[i], new_v[i], mask
 
             x = layer(x, cos, sin, kv_fn)

@@ -115,12 +115,16 @@ class Engine:
         return ids, inputs
 
     def max_len(self, prompt_len: int) -> int:
+        """Cache slots a request can need; attention cost grows with them, so no more."""
         s = self.spec
         suffix = max(len(self.builder.judge_suffix_ids), len(self.builder.score_suffix_ids))
-        need = -(-prompt_len // BUCKET) * BUCKET + s.max_new_tokens
-        # Past the committed tokens: a drafted window and its W judge suffixes (one tree chunk,
-        # padded to 16), or the target's step after it; sd's proposals.
-        need += (s.window + 1) * (s.max_step_tokens + suffix) + 16 + s.sd_tokens
+        # Steps are cut only after the budget is spent: committed + drafted tokens stay below
+        # max_new_tokens + max_step_tokens.
+        need = -(-prompt_len // BUCKET) * BUCKET + s.max_new_tokens + s.max_step_tokens
+        if s.mode not in ("target", "draft"):
+            # Past them: the W judge suffixes of a tree chunk (padded to 16), a target step
+            # after the drafted ones (lookahead, eager fallback), or sd's proposals.
+            need += max(s.window * suffix + 16, s.max_step_tokens, s.sd_tokens + 1)
         return -(-need // 128) * 128
 
     def _key(self, step: int):

@@ -22,9 +22,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from dreamr_jax.models.generate import prefill
+from dreamr_jax.models.generate import StaticGraph, merge, prefill
 from dreamr_jax.models.inputs import ModelInputs, prepare_inputs
 from dreamr_jax.models.kv_cache import KVCache, init_cache, rollback
 from dreamr_jax.models.sampling import GREEDY, Sampling, filter_logits, sample
@@ -57,7 +56,7 @@ def extend(graphdef, state, tokens, mask, cache: KVCache, gather):
     gather: `[batch, g]` chunk indices whose next-token logits to return.
     Returns logits `[batch, g, vocab]` float32 and the cache, each row exactly n_b tokens longer.
     """
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     start = cache.length
     inputs = ModelInputs(tokens, mask, _text_positions(mask, cache.next_position), None)
     hidden, cache = model.hidden_states(inputs, cache)
@@ -76,7 +75,7 @@ def extend_tree(graphdef, state, tokens, mask, offsets, chunk_mask, cache: KVCac
     tokens each token sees. gather: `[batch, g]`. Returns logits `[batch, g, vocab]` and the
     cache with the whole chunk written; the caller rolls it back to the branch it keeps.
     """
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     pos = jnp.where(mask, cache.next_position[:, None] + offsets, 0).astype(jnp.int32)
     inputs = ModelInputs(
         tokens, mask, jnp.broadcast_to(pos[None], (3, *pos.shape)), None, chunk_mask
@@ -107,7 +106,7 @@ def generate_step(
     placeholder), the cache (each row n tokens longer) and the next-token logits after each row's
     step.
     """
-    model = nnx.merge(graphdef, state)
+    model = merge(graphdef, state)
     b, vocab = logits.shape
     stop = jnp.asarray(stop_ids + eos_ids, jnp.int32)
     eos = jnp.asarray(eos_ids, jnp.int32)
@@ -209,7 +208,7 @@ class ModelRunner:
     pad_id: int
 
     def __post_init__(self):
-        self.graphdef, self.state = nnx.split(self.model)
+        self.graphdef, self.state = StaticGraph.split(self.model)  # state: flat leaves
         self.config = self.model.config
 
     @classmethod
