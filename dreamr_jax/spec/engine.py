@@ -131,7 +131,9 @@ class Engine:
         return jax.random.key(self.seed * 1_000_003 + step)
 
     def _take(self, tokens, n, row: int = 0) -> list[int]:
-        return [int(t) for t in np.asarray(tokens[row, : int(n[row])])]
+        # Whole arrays to the host, sliced there: a device slice per length would be a new
+        # small program for every step length.
+        return np.asarray(tokens)[row, : int(np.asarray(n)[row])].tolist()
 
     # -------------------------------------------------------------------------------- modes
 
@@ -192,10 +194,14 @@ class Engine:
 
     def _verify(self, t: Session, steps: list[list[int]], suffix_ids=None):
         """Judge queries for every drafted step in one tree-shaped pass over the target's
-        session (donated). Returns (last-position logits `[k, vocab]` of each query, a function
-        `at(i, logits)` giving sessions cut back to the first i steps, logits after each step)."""
+        session (donated). Returns (last-position logits `[max(W, k), vocab]` of each query, rows
+        past k are padding; a function `at(indices)` giving sessions cut back to the first i
+        steps for each i, with the logits after them)."""
         suffix = list(self.builder.judge_suffix_ids if suffix_ids is None else suffix_ids)
-        after, verdict, ends, tree, (length0, position0) = self.target.verify_tree(t, steps, suffix)
+        slots = max(self.spec.window, len(steps))
+        after, verdict, ends, tree, (length0, position0) = self.target.verify_tree(
+            t, steps, suffix, slots
+        )
         first = t.logits
         offsets = np.concatenate([[0], ends])
 
@@ -208,6 +214,13 @@ class Engine:
             return rows_at(tree, length0 + rows, position0 + rows, logits)
 
         return verdict, at
+
+    @staticmethod
+    def _rows(indices, at_least: int) -> list[int]:
+        """`indices` padded with copies of the first to `at_least` rows: batched target steps
+        keep one shape (one compiled program) whatever the window held."""
+        indices = list(indices)
+        return indices + indices[:1] * (at_least - len(indices))
 
     def _cpn(self, verdict_logits):
         return cpn_verdicts(
@@ -249,15 +262,16 @@ class Engine:
             verdicts = self._cpn(verdict_logits)
             sol.target_calls += 1
             if eager:  # the target's step at every position, dispatched before any verdict
+                # (always W rows, so one program serves every window)
                 fallback = self.target.step(
-                    at(range(k)),
+                    at(self._rows(range(k), self.spec.window)),
                     self._key(len(sol.tokens) + 1),
                     self.spec.max_step_tokens,
                     self.sampling,
                 )
                 sol.target_calls += 1
-            ok, p = np.asarray(verdicts.accept), np.asarray(verdicts.p)
-            sol.format_misses += int(np.sum(~np.asarray(verdicts.format_ok)))
+            ok, p = np.asarray(verdicts.accept)[:k], np.asarray(verdicts.p)[:k]
+            sol.format_misses += int(np.sum(~np.asarray(verdicts.format_ok)[:k]))
             kept = int(np.argmin(ok)) if not ok.all() else k
             sol.proposed += k
             sol.accepted += kept
@@ -312,7 +326,7 @@ class Engine:
             # the target writes its own step after every prefix of it, as k + 1 batched rows.
             verdict_logits, at = self._verify(t, steps)
             tokens, n, _, _, batch = self.target.step(
-                at(range(k + 1)),
+                at(self._rows(range(k + 1), self.spec.window + 1)),
                 self._key(len(sol.tokens) + 1),
                 self.spec.max_step_tokens,
                 self.sampling,
@@ -348,7 +362,10 @@ class Engine:
     def _sd(self, t: Session, d: Session) -> Solution:
         sol = Solution([], [])
         rng = np.random.default_rng(self.seed)
+        pending = None  # the target's own token of the last round, in neither cache yet
         while not self._done(sol.tokens):
+            if pending is not None:
+                _, d = self.draft.extend(d, [[pending]], [[0]])
             tokens, n, _, draft_dists, d = self.draft.step(
                 d,
                 self._key(len(sol.tokens)),
@@ -359,9 +376,15 @@ class Engine:
             )
             proposal = self._take(tokens, n)
             k = len(proposal)
-            first = t.logits
-            logits, t = self.target.extend(t, [proposal], [list(range(k))])
-            target_logits = jnp.concatenate([first, logits[0]], axis=0)  # [k + 1, vocab]
+            # The pending token and the proposal go to the target in one chunk; its logits
+            # before each proposed token and after the last are `[k + 1, vocab]`.
+            if pending is None:
+                first = t.logits
+                logits, t = self.target.extend(t, [proposal], [list(range(k))])
+                target_logits = jnp.concatenate([first, logits[0]], axis=0)
+            else:
+                logits, t = self.target.extend(t, [[pending, *proposal]], [list(range(k + 1))])
+                target_logits = logits[0]
             sol.target_calls += 1
             sol.proposed += k
             kept, extra = self._sd_accept(proposal, target_logits, draft_dists[0], rng)
@@ -370,14 +393,11 @@ class Engine:
             if kept < k or proposal[-1] not in self.eos:
                 committed = committed + [extra]
             sol.tokens += committed
-            # Both caches back to the accepted tokens, then the target's own token appended.
-            d_next = draft_dists[:, kept] if kept < k else d.logits
-            t_next = target_logits[kept : kept + 1]
-            t = truncate(t, k - kept, t_next) if kept < k else Session(t.cache, t_next)
-            d = truncate(d, k - kept, d_next) if kept < k else d
-            if committed[-1] not in self.eos:
-                _, t = self.target.extend(t, [[extra]], [[0]])
-                _, d = self.draft.extend(d, [[extra]], [[0]])
+            # Both caches back to the accepted tokens; `extra` goes in with the next round.
+            if kept < k:
+                t = truncate(t, k - kept, t.logits)
+                d = truncate(d, k - kept, draft_dists[:, kept])
+            pending = extra
         sol.tokens = sol.tokens[: self.spec.max_new_tokens]
         sol.steps = self._split_steps(sol.tokens)
         return sol

@@ -261,20 +261,29 @@ class ModelRunner:
         return tokens, n, hit_eos, log_probs, Session(cache, logits)
 
     def verify_tree(
-        self, session: Session, steps: Sequence[Sequence[int]], suffix: Sequence[int]
+        self,
+        session: Session,
+        steps: Sequence[Sequence[int]],
+        suffix: Sequence[int],
+        slots: int | None = None,
     ) -> tuple:
         """One row holding `steps` (a chain) and, after them, a copy of `suffix` per step that
         sees only the steps up to its own: every candidate's judge query in one forward pass,
         with no token computed twice.
 
-        Returns (logits after each step `[k, vocab]`, logits at the end of each suffix
-        `[k, vocab]`, ends: the chunk length through each step, the one-row session holding the
-        whole tree, the cache length and next position before it). Donates `session`.
+        The chunk is padded to a power of two (at least 32) and the outputs to `slots` (>= k)
+        rows, so a window of any shape reuses a few compiled programs.
+
+        Returns (logits after each step `[slots, vocab]`, logits at the end of each suffix
+        `[slots, vocab]`, rows past k are padding; ends: the chunk length through each step;
+        the one-row session holding the whole tree; the cache length and next position before
+        it). Donates `session`.
         """
         ends = np.cumsum([len(s) for s in steps])
         chain = [t for s in steps for t in s]
         total, m = len(chain), len(suffix)
-        width = -(-(total + m * len(steps)) // 16) * 16
+        slots = slots or len(steps)
+        width = max(32, 1 << (total + m * len(steps) - 1).bit_length())
         tokens = np.full((1, width), self.pad_id, np.int32)
         mask = np.zeros((1, width), bool)
         offsets = np.zeros((1, width), np.int32)
@@ -292,12 +301,12 @@ class ModelRunner:
             verdict.append(lo + m - 1)
         # Read before the cache is donated (already computed: the caller synced on the draft).
         start = (np.asarray(session.cache.length), np.asarray(session.cache.next_position))
-        gather = np.asarray([list(after) + verdict], np.int32)
+        pad = [0] * (slots - len(steps))
+        gather = np.asarray([list(after) + pad + verdict + pad], np.int32)
         logits, cache = extend_tree(
             self.graphdef, self.state, tokens, mask, offsets, seen, session.cache, gather
         )
-        k = len(steps)
-        return logits[0, :k], logits[0, k:], ends, Session(cache, session.logits), start
+        return logits[0, :slots], logits[0, slots:], ends, Session(cache, session.logits), start
 
     def extend(self, session: Session, rows: Sequence[Sequence[int]], gather) -> tuple:
         """Appends `rows` (one token list per batch row) and returns (logits at `gather`
