@@ -33,7 +33,14 @@ from dreamr_jax.models.inputs import pad_vision, prepare_inputs
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.models.sampling import Sampling, filter_logits
 from dreamr_jax.spec.cpn import cpn_verdicts
-from dreamr_jax.spec.runner import ModelRunner, Session, rows_at, select_rows, truncate
+from dreamr_jax.spec.runner import (
+    ModelRunner,
+    Session,
+    chunk_width,
+    rows_at,
+    select_rows,
+    truncate,
+)
 
 BUCKET = 32  # prompts are left-padded to a multiple of this, so few shapes are ever compiled
 
@@ -151,6 +158,26 @@ class Engine:
             solution = getattr(self, f"_{mode}")(t, d)
         solution.latency_s = time.perf_counter() - started
         return solution
+
+    def warm_up(self, question: str, images) -> None:
+        """Compiles what a request shaped like this one can run, so no later request pays for
+        compilation: one full solve, then a verification pass of every chunk width a window
+        can produce (their lengths vary with the drafted steps)."""
+        self.solve(question, images)
+        if self.spec.mode not in ("dreamr", "lookahead", "specreason"):
+            return
+        ids, inputs = self.prompt(question, images)
+        max_len = self.max_len(len(ids))
+        score = self.spec.mode == "specreason"
+        suffix = self.builder.score_suffix_ids if score else self.builder.judge_suffix_ids
+        window = 1 if score else self.spec.window
+        longest = chunk_width(window * (self.spec.max_step_tokens + len(suffix)))
+        filler = self.builder.judge_suffix_ids[0]
+        for width in sorted({chunk_width(n) for n in range(1, longest + 1)}):
+            step = [filler] * max(1, width - len(suffix))
+            t = self.target.start(inputs, max_len)
+            verdict_logits, _ = self._verify(t, [step], suffix)
+            self._cpn(verdict_logits).accept.block_until_ready()
 
     def _done(self, tokens: list[int]) -> bool:
         return bool(tokens) and (tokens[-1] in self.eos or len(tokens) >= self.spec.max_new_tokens)
@@ -377,14 +404,18 @@ class Engine:
             proposal = self._take(tokens, n)
             k = len(proposal)
             # The pending token and the proposal go to the target in one chunk; its logits
-            # before each proposed token and after the last are `[k + 1, vocab]`.
+            # before each proposed token and after the last are `[k + 1, vocab]`. Gathers are
+            # padded to sd_tokens + 1 and chunks to its width: one compiled shape per kind.
+            size = self.spec.sd_tokens + 1
             if pending is None:
                 first = t.logits
-                logits, t = self.target.extend(t, [proposal], [list(range(k))])
-                target_logits = jnp.concatenate([first, logits[0]], axis=0)
+                gather = list(range(k)) + [0] * (size - k)
+                logits, t = self.target.extend(t, [proposal], [gather], size)
+                target_logits = jnp.concatenate([first, logits[0, :k]], axis=0)
             else:
-                logits, t = self.target.extend(t, [[pending, *proposal]], [list(range(k + 1))])
-                target_logits = logits[0]
+                gather = list(range(k + 1)) + [0] * (size - k - 1)
+                logits, t = self.target.extend(t, [[pending, *proposal]], [gather], size)
+                target_logits = logits[0, : k + 1]
             sol.target_calls += 1
             sol.proposed += k
             kept, extra = self._sd_accept(proposal, target_logits, draft_dists[0], rng)

@@ -72,17 +72,19 @@ def extend_tree(graphdef, state, tokens, mask, offsets, chunk_mask, cache: KVCac
 
     tokens, mask, offsets: `[batch, t]`; offsets are text positions relative to the cache's
     next position (branches may reuse positions). chunk_mask: `[batch, t, t]`, which chunk
-    tokens each token sees. gather: `[batch, g]`. Returns logits `[batch, g, vocab]` and the
-    cache with the whole chunk written; the caller rolls it back to the branch it keeps.
+    tokens each token sees. gather: `[batch, g]`. Returns logits `[batch, g, vocab]`, the
+    cache with the whole chunk written (the caller rolls it back to the branch it keeps) and
+    its length and next position `[batch]` from before the chunk.
     """
     model = merge(graphdef, state)
     pos = jnp.where(mask, cache.next_position[:, None] + offsets, 0).astype(jnp.int32)
     inputs = ModelInputs(
         tokens, mask, jnp.broadcast_to(pos[None], (3, *pos.shape)), None, chunk_mask
     )
+    start = (cache.length, cache.next_position)
     hidden, cache = model.hidden_states(inputs, cache)
     picked = jnp.take_along_axis(hidden, gather[..., None], axis=1)
-    return model.logits(picked), cache
+    return model.logits(picked), cache, start
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9), donate_argnums=3)
@@ -185,17 +187,29 @@ def truncate(session: Session, drop: int, logits: jax.Array) -> Session:
     return Session(cache, logits)
 
 
-def pad_chunks(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def chunk_width(n: int) -> int:
+    """Padded length of an n-token chunk: a multiple of 32 up to 128, then of 64: few compiled
+    shapes, and at most about a third of a verification pass spent on padding."""
+    step = 32 if n <= 128 else 64
+    return max(32, -(-n // step) * step)
+
+
+def pad_chunks(
+    rows: Sequence[Sequence[int]], pad_id: int, min_width: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads token rows: ids `[batch, t]` int32 and mask `[batch, t]` bool. t is the next
-    power of two of the longest row, so chunks of any length (a committed step fed to the
-    draft, sd's proposals) reuse a handful of compiled shapes."""
-    width = 1 << (max(1, max(len(r) for r in rows)) - 1).bit_length()
+    power of two of the longest row (and of `min_width`), so chunks of any length (a committed
+    step fed to the draft, sd's proposals) reuse a handful of compiled shapes."""
+    width = 1 << (max(min_width, max(len(r) for r in rows)) - 1).bit_length()
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), bool)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = row
         mask[i, : len(row)] = True
     return ids, mask
+
+
+_RUNNERS: dict[tuple[int, str], ModelRunner] = {}
 
 
 @dataclasses.dataclass
@@ -215,13 +229,20 @@ class ModelRunner:
     def create(cls, model, tokenizer, delimiter: str) -> ModelRunner:
         """Stop tokens: every vocabulary entry whose text contains the delimiter (a tokenizer may
         merge it with the punctuation before it, e.g. Qwen's ".\\n\\n")."""
+        # One runner per model: compiled programs are cached per runner (its graph is a static
+        # argument hashed by identity), so engines over the same model share them.
+        cached = _RUNNERS.get((id(model), delimiter))
+        if cached is not None and cached.model is model:
+            return cached
         vocab = len(tokenizer)
         texts = tokenizer.batch_decode([[i] for i in range(vocab)])
         stop = tuple(i for i, t in enumerate(texts) if delimiter in t)
         if not stop:
             raise ValueError(f"no token of the tokenizer contains the delimiter {delimiter!r}")
         cfg = model.config
-        return cls(model, stop, tuple(cfg.eos_token_ids), cfg.pad_token_id)
+        runner = cls(model, stop, tuple(cfg.eos_token_ids), cfg.pad_token_id)
+        _RUNNERS[(id(model), delimiter)] = runner
+        return runner
 
     def start(self, inputs: ModelInputs, max_len: int) -> Session:
         """Prefill of a one-row prompt."""
@@ -271,7 +292,7 @@ class ModelRunner:
         sees only the steps up to its own: every candidate's judge query in one forward pass,
         with no token computed twice.
 
-        The chunk is padded to a power of two (at least 32) and the outputs to `slots` (>= k)
+        The chunk is padded by `chunk_width` and the outputs to `slots` (>= k)
         rows, so a window of any shape reuses a few compiled programs.
 
         Returns (logits after each step `[slots, vocab]`, logits at the end of each suffix
@@ -283,7 +304,7 @@ class ModelRunner:
         chain = [t for s in steps for t in s]
         total, m = len(chain), len(suffix)
         slots = slots or len(steps)
-        width = max(32, 1 << (total + m * len(steps) - 1).bit_length())
+        width = chunk_width(total + m * len(steps))
         tokens = np.full((1, width), self.pad_id, np.int32)
         mask = np.zeros((1, width), bool)
         offsets = np.zeros((1, width), np.int32)
@@ -299,20 +320,23 @@ class ModelRunner:
             seen[0, lo : lo + m, :end] = True
             seen[0, lo : lo + m, lo : lo + m] = np.tril(np.ones((m, m), bool))
             verdict.append(lo + m - 1)
-        # Read before the cache is donated (already computed: the caller synced on the draft).
-        start = (np.asarray(session.cache.length), np.asarray(session.cache.next_position))
         pad = [0] * (slots - len(steps))
         gather = np.asarray([list(after) + pad + verdict + pad], np.int32)
-        logits, cache = extend_tree(
+        # The start length comes back from the device: arrays built on the host here would
+        # reach later calls with another sharding, and jit compiles again for that.
+        logits, cache, start = extend_tree(
             self.graphdef, self.state, tokens, mask, offsets, seen, session.cache, gather
         )
         return logits[0, :slots], logits[0, slots:], ends, Session(cache, session.logits), start
 
-    def extend(self, session: Session, rows: Sequence[Sequence[int]], gather) -> tuple:
+    def extend(
+        self, session: Session, rows: Sequence[Sequence[int]], gather, min_width: int = 1
+    ) -> tuple:
         """Appends `rows` (one token list per batch row) and returns (logits at `gather`
         `[batch, g, vocab]`, session whose logits are those after each row's last token).
+        Callers keep g fixed (and pass `min_width`) where lengths vary, so one program serves.
         Donates `session`."""
-        ids, mask = pad_chunks(rows, self.pad_id)
+        ids, mask = pad_chunks(rows, self.pad_id, min_width)
         lengths = mask.sum(axis=1)
         gather = np.asarray(gather, np.int32).reshape(len(rows), -1)
         last = np.maximum(lengths - 1, 0)[:, None]
