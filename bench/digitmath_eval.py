@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", default=str(DEFAULT_TARGET))
     parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
-    parser.add_argument("--config", default="configs/digitmath/base.yaml")
+    parser.add_argument("--config", default="configs/digitmath/target.yaml")
     parser.add_argument("--out", default="docs/digitmath_eval.json")
     args = parser.parse_args()
 
