@@ -85,8 +85,8 @@ def test_corrupted_candidates_differ_from_gold(setup):
         for step in range(len(problem.steps)):
             if not digitmath.applicable_kinds(problem, step):
                 continue
-            gold, _ = examples.token_ids(ExamplePlan(index, step, None), [1, 2, 4])
-            wrong, _ = examples.token_ids(ExamplePlan(index, step, 123), [1, 2, 4])
+            gold, *_ = examples.token_ids(ExamplePlan(index, step, None), [1, 2, 4])
+            wrong, *_ = examples.token_ids(ExamplePlan(index, step, 123), [1, 2, 4])
             assert gold[:-1] != wrong[:-1]
             assert gold[-1] == builder.positive_ids[0] and wrong[-1] == builder.negative_ids[0]
 
@@ -155,3 +155,34 @@ def test_arithmetic_drills_are_true_facts_without_images(setup):
     assert inputs.vision.pixel_values.shape[0] == 2 * 32
     model = init_model(cfg.model, seed=0)
     assert np.isfinite(np.asarray(model.forward(inputs)[0])).all()
+
+
+def test_packed_judge_branches_equal_separate_examples(setup):
+    """A chain example with judge branches under a tree mask computes, for every branch, the
+    verdict logits of the stand-alone judge example, and the chain's logits are unchanged."""
+    cfg, _, builder, processor, problems = setup
+    data = dataclasses.replace(cfg.data, judge_branches=4, seq_len=320, judge_loss_weight=30.0)
+    model = init_model(cfg.model, seed=0)
+    examples = SFTExampleBuilder(problems, builder, processor, data)
+    plans = plan_examples(problems[:6], 0.0, 0, 0.25, 0.0, judge_branches=4)
+    assert all(p.branches for p in plans) and any(s for p in plans for _, s, _ in p.branches)
+    checked = 0
+    for plan in plans[:3]:
+        packed = examples.build(plan)
+        inputs, weights = collate(cfg.model, {k: v[None] for k, v in packed.items()})
+        logits = np.asarray(model.forward(inputs)[0])[0]
+        verdicts = np.nonzero(weights[0] == data.judge_loss_weight)[0]
+        assert len(verdicts) == len(plan.branches)
+        for (step, corrupt_seed, score), at in zip(plan.branches, verdicts, strict=True):
+            alone = examples.build(ExamplePlan(plan.problem, step, corrupt_seed, score))
+            assert alone["input_ids"][alone["attention_mask"]][-1] == packed["input_ids"][at]
+            inputs, _ = collate(cfg.model, {k: v[None] for k, v in alone.items()})
+            want = np.asarray(model.forward(inputs)[0])[0, alone["attention_mask"].sum() - 2]
+            np.testing.assert_allclose(logits[at - 1], want, atol=1e-4)
+            checked += 1
+        chain = examples.build(ExamplePlan(plan.problem))
+        n = int((packed["branch"] == 0)[packed["attention_mask"]].sum())
+        inputs, _ = collate(cfg.model, {k: v[None] for k, v in chain.items()})
+        want = np.asarray(model.forward(inputs)[0])[0, :n]
+        np.testing.assert_allclose(logits[:n], want, atol=1e-4)
+    assert checked >= 6

@@ -285,6 +285,8 @@ class DataConfig:
     score_fraction: float = 0.25  # share of judge examples in SpecReason's 0-9 score format
     drill_fraction: float = 0.0  # share of text-only arithmetic drills (the chains' operations)
     judge_loss_weight: float = 1.0  # loss weight of a judge verdict token (a chain token: 1)
+    # Judge queries packed as tree branches after each chain (several verdicts per example)
+    judge_branches: int = 0
     seq_len: int = 160  # every example is padded to this many tokens; longer ones are an error
     max_image_patches: int = 32  # every example's patches are padded to this many
     tokenizer: str = ""  # HF tokenizer folder; "" builds the default DigitMath tokenizer
@@ -304,6 +306,8 @@ class DataConfig:
             _fail(prefix, "judge_fraction + drill_fraction must leave room for chains (< 1)")
         if self.judge_loss_weight <= 0:
             _fail(f"{prefix}.judge_loss_weight", "must be positive")
+        if self.judge_branches < 0:
+            _fail(f"{prefix}.judge_branches", f"must be >= 0, got {self.judge_branches}")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ class ExamplePlan:
     corrupt_seed: int | None = None
     score: bool = False
     drill_seed: int | None = None  # an arithmetic drill (text only) instead of a problem
+    # Judge branches packed after a reasoning example's chain: (step, corrupt_seed, score) each.
+    branches: tuple[tuple[int, int | None, bool], ...] = ()
 
 
 def plan_examples(
@@ -48,12 +50,29 @@ def plan_examples(
     seed: int,
     score_fraction: float = 0.0,
     drill_fraction: float = 0.0,
+    judge_branches: int = 0,
 ) -> list[ExamplePlan]:
     """One reasoning example per problem, plus judge examples and arithmetic drills so that they
     make up `judge_fraction` and `drill_fraction` of the total; half of the judge candidates are
-    corrupted where a corruption applies, and `score_fraction` of them use the 0-9 format."""
+    corrupted where a corruption applies, and `score_fraction` of them use the 0-9 format. With
+    `judge_branches`, every reasoning example also carries up to that many judge queries on
+    distinct steps, packed as branches (see `SFTExampleBuilder.token_ids`)."""
     rng = np.random.default_rng([seed, 17])
-    plans = [ExamplePlan(i) for i in range(len(problems))]
+    branch_rng = np.random.default_rng([seed, 31])
+
+    def branches(problem) -> tuple:
+        steps = branch_rng.permutation(len(problem.steps))[:judge_branches]
+        out = []
+        for step in sorted(int(k) for k in steps):
+            corrupt = branch_rng.random() < 0.5 and bool(digitmath.applicable_kinds(problem, step))
+            seed_ = int(branch_rng.integers(2**31)) if corrupt else None
+            out.append((step, seed_, bool(branch_rng.random() < score_fraction)))
+        return tuple(out)
+
+    plans = [
+        ExamplePlan(i, branches=branches(p) if judge_branches else ())
+        for i, p in enumerate(problems)
+    ]
     rest = max(1e-9, 1 - judge_fraction - drill_fraction)
     n_judge = round(len(problems) * judge_fraction / rest)
     for _ in range(n_judge):
@@ -139,20 +158,49 @@ class SFTExampleBuilder:
             ids += head + tail
             weights += [0.0] * len(head) + [1.0] * len(tail)
 
-    def token_ids(self, plan: ExamplePlan, grid) -> tuple[list[int], list[float]]:
-        """Token ids and the loss weight of each (0 for context; the judge's verdict weighs
-        `data.judge_loss_weight`, since it is one token against a chain of dozens)."""
+    def _judge_query(self, problem, step: int, corrupt_seed, score: bool):
+        """(query ids: candidate + suffix, verdict id) of judging `step`."""
+        b = self.builder
+        plan = ExamplePlan(0, step, corrupt_seed, score)
+        text, correct = judge_candidate(problem, plan)
+        query = b.judge_ids(b.step_ids(text, final=is_final_step(text)), score=score)
+        return query, b.verdict_id(correct, score=score)
+
+    def token_ids(self, plan: ExamplePlan, grid) -> tuple[list[int], list[float], list, list]:
+        """Token ids, the loss weight of each (0 for context; the judge's verdict weighs
+        `data.judge_loss_weight`, since it is one token against a chain of dozens), and the
+        branch id and visible-prefix length of each (see `models.inputs.branch_layout`).
+
+        A reasoning example with `plan.branches` is the prompt and gold chain, then one branch
+        per judged step k: candidate + judge suffix + verdict, seeing the prompt and gold steps
+        < k. Branches that would overflow `data.seq_len` are left out."""
         b, problem = self.builder, self.problems[plan.problem]
         prompt = b.prompt_ids(problem.question, [grid])
         if plan.judge_step is None:
             chain = b.steps_ids(problem.steps, complete=True)
-            return prompt + chain, [0.0] * len(prompt) + [1.0] * len(chain)
+            ids = prompt + chain
+            weights = [0.0] * len(prompt) + [1.0] * len(chain)
+            branch, visible = [0] * len(ids), list(range(1, len(ids) + 1))
+            for step, corrupt_seed, score in plan.branches:
+                query, verdict = self._judge_query(problem, step, corrupt_seed, score)
+                if len(ids) + len(query) + 1 > self.data.seq_len:
+                    continue
+                seen = len(prompt) + len(b.steps_ids(problem.steps[:step], complete=False))
+                ids += query + [verdict]
+                weights += [0.0] * len(query) + [self.data.judge_loss_weight]
+                branch += [branch[-1] + 1 if branch[-1] else 1] * (len(query) + 1)
+                visible += [seen] * (len(query) + 1)
+            return ids, weights, branch, visible
         context = b.steps_ids(problem.steps[: plan.judge_step], complete=False)
-        text, correct = judge_candidate(problem, plan)
-        query = b.judge_ids(b.step_ids(text, final=is_final_step(text)), score=plan.score)
-        ids = prompt + context + query + [b.verdict_id(correct, score=plan.score)]
+        query, verdict = self._judge_query(problem, plan.judge_step, plan.corrupt_seed, plan.score)
+        ids = prompt + context + query + [verdict]
         mask = [0.0] * len(prompt) + [1.0] * len(context) + [0.0] * len(query)
-        return ids, mask + [self.data.judge_loss_weight]
+        return (
+            ids,
+            mask + [self.data.judge_loss_weight],
+            [0] * len(ids),
+            list(range(1, len(ids) + 1)),
+        )
 
     def build(self, plan: ExamplePlan) -> dict[str, np.ndarray]:
         """input_ids/attention_mask `[seq_len]`, loss_mask `[seq_len]` float32 weights,
@@ -163,9 +211,10 @@ class SFTExampleBuilder:
         if plan.drill_seed is not None:
             pixel_values, grid = np.zeros((0, patch_dim), np.float32), np.zeros((1, 3), np.int64)
             ids, mask = self.drill_ids(plan)
+            branch, visible = [0] * len(ids), list(range(1, len(ids) + 1))
         else:
             pixel_values, grid = process_images(self.processor, [problem_image(problem)])
-            ids, mask = self.token_ids(plan, grid[0].tolist())
+            ids, mask, branch, visible = self.token_ids(plan, grid[0].tolist())
         seq_len, max_patches = self.data.seq_len, self.data.max_image_patches
         if len(ids) > seq_len:
             raise ValueError(
@@ -185,7 +234,7 @@ class SFTExampleBuilder:
         loss_mask[:n] = mask
         patches = np.zeros((max_patches, patch_dim), np.float32)
         patches[: len(pixel_values)] = pixel_values
-        return {
+        out = {
             "input_ids": out_ids,
             "attention_mask": attention,
             "loss_mask": loss_mask,
@@ -193,6 +242,12 @@ class SFTExampleBuilder:
             "num_patches": np.asarray(len(pixel_values), np.int32),
             "image_grid_thw": grid.astype(np.int64),
         }
+        if self.data.judge_branches:  # every example of such a run carries its tree layout
+            out["branch"] = np.zeros(seq_len, np.int32)
+            out["branch"][:n] = branch
+            out["visible"] = np.arange(1, seq_len + 1, dtype=np.int32)
+            out["visible"][:n] = visible
+        return out
 
 
 def sft_dataset(
@@ -204,7 +259,12 @@ def sft_dataset(
 ) -> grain.MapDataset:
     """A random-access grain dataset of padded SFT examples (reasoning, then judge ones)."""
     plans = plan_examples(
-        problems, data.judge_fraction, seed, data.score_fraction, data.drill_fraction
+        problems,
+        data.judge_fraction,
+        seed,
+        data.score_fraction,
+        data.drill_fraction,
+        data.judge_branches,
     )
     examples = SFTExampleBuilder(problems, builder, processor, data)
     return grain.MapDataset.source(plans).map(examples.build)

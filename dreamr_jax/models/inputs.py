@@ -44,8 +44,8 @@ class ModelInputs:
     positions: `[3, batch, seq]` int32 M-RoPE positions (T, H, W).
     vision: packed image patches, or None for text-only batches.
     chunk_mask: optional `[batch, seq, seq]` bool, which tokens of this chunk each token may attend
-      to, replacing the causal rule inside the chunk (tree verification packs several branches
-      into one row); only used with a KV cache.
+      to, replacing the causal rule inside the chunk (tree verification and packed judge training
+      put several branches in one row; see `branch_layout`).
     """
 
     input_ids: jax.Array
@@ -258,3 +258,37 @@ def prepare_inputs(
         cfg, input_ids, attention_mask, image_grid_thw if vision is not None else None
     )
     return ModelInputs(input_ids, attention_mask, positions, vision), next_position
+
+
+def branch_layout(
+    positions: np.ndarray, branch: np.ndarray, visible: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Attention mask and positions of rows holding a main sequence plus side branches.
+
+    branch: `[batch, seq]` int, 0 for main-sequence tokens, b >= 1 for the tokens of branch b
+    (each branch contiguous, after the main sequence). visible: `[batch, seq]`, for a branch
+    token the number of leading main tokens its branch continues from. positions: `[3, batch,
+    seq]` from `prepare_inputs` on the whole row.
+
+    A main token sees the main tokens up to itself; a branch token sees the first `visible` main
+    tokens and its own branch up to itself, and its text position continues from the last
+    visible main token, exactly as if the branch were appended to that prefix alone. Returns
+    (mask `[batch, seq, seq]` bool, positions `[3, batch, seq]` int32).
+    """
+    seq = branch.shape[1]
+    i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    b_i, b_j = branch[:, :, None], branch[:, None, :]
+    main_j = b_j == 0
+    sees_main = np.where(b_i == 0, j <= i, j < visible[:, :, None])
+    mask = (main_j & sees_main) | ((b_i == b_j) & (b_i > 0) & (j <= i))
+    positions = np.array(positions, np.int32, copy=True)
+    rows, cols = np.nonzero(branch > 0)
+    if len(rows):
+        # Offset inside the branch: tokens before this one with the same branch id.
+        first = {}
+        for r, c in zip(rows, cols, strict=True):
+            first.setdefault((r, branch[r, c]), c)
+        offset = np.asarray([c - first[(r, branch[r, c])] for r, c in zip(rows, cols, strict=True)])
+        anchor = positions[:, rows, visible[rows, cols] - 1]  # [3, n]: last visible main token
+        positions[:, rows, cols] = anchor.max(axis=0)[None, :] + 1 + offset[None, :]
+    return mask, positions

@@ -82,8 +82,11 @@ class Qwen3VL(nnx.Module):
 
         t = ids.shape[1]
         if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & token_mask[:, None, :]
+            if inputs.chunk_mask is not None:  # a tree of branches (packed judge training)
+                mask = inputs.chunk_mask & token_mask[:, None, :]
+            else:
+                causal = jnp.tril(jnp.ones((t, t), bool))
+                mask = causal[None] & token_mask[:, None, :]
             new_cache = None
         else:
             valid = write_rows(cache.valid, token_mask, cache.length)

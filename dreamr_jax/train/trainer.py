@@ -25,7 +25,13 @@ from tqdm import tqdm
 
 from dreamr_jax.config.loader import save_config
 from dreamr_jax.config.schema import Config
-from dreamr_jax.models.inputs import ModelInputs, empty_vision, pad_vision, prepare_inputs
+from dreamr_jax.models.inputs import (
+    ModelInputs,
+    branch_layout,
+    empty_vision,
+    pad_vision,
+    prepare_inputs,
+)
 from dreamr_jax.parallel.rules import logical_to_spec
 from dreamr_jax.train.loss import next_token_loss
 from dreamr_jax.train.metrics import MetricsWriter
@@ -50,7 +56,8 @@ def collate(model_cfg, batch: Example) -> tuple[ModelInputs, np.ndarray]:
     Examples carry `input_ids`, `attention_mask`, `loss_mask` `[seq]`, and optionally
     `pixel_values` `[patches, patch_dim]` with `image_grid_thw` `[images, 3]`. With
     `num_patches` `[]`, only the first `num_patches` rows of each example's `pixel_values` are
-    real; the packed patches are then padded back to `batch * patches`, a fixed shape.
+    real; the packed patches are then padded back to `batch * patches`, a fixed shape. With
+    `branch` and `visible` `[seq]`, rows hold judge branches (`inputs.branch_layout`).
     """
     pixel_values = grid = None
     if "pixel_values" in batch:
@@ -69,6 +76,11 @@ def collate(model_cfg, batch: Example) -> tuple[ModelInputs, np.ndarray]:
     inputs, _ = prepare_inputs(
         model_cfg, batch["input_ids"], batch["attention_mask"], pixel_values, grid
     )
+    if "branch" in batch:  # packed judge branches: tree mask and branch positions
+        mask, positions = branch_layout(
+            np.asarray(inputs.positions), np.asarray(batch["branch"]), np.asarray(batch["visible"])
+        )
+        inputs = dataclasses.replace(inputs, positions=positions, chunk_mask=mask)
     if "num_patches" in batch:
         total = int(np.prod(batch["pixel_values"].shape[:-1]))
         vision = inputs.vision or empty_vision(batch["pixel_values"].shape[-1])
