@@ -163,7 +163,8 @@ def main() -> None:
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=2)
     md = [
-        f"{len(problems)} DigitMath test problems, shipped pair, one process, {report['date']}.",
+        f"{len(problems)} DigitMath test problems, target `{os.path.relpath(args.target)}`, draft "
+        f"`{os.path.relpath(args.draft)}`, one process, {report['date']}.",
         "",
         "| mode | accuracy | mean latency (s) | speedup vs target | step acceptance "
         "| accepted per target call | tokens/s | output = target |",
