@@ -161,8 +161,9 @@ class Engine:
 
     def warm_up(self, question: str, images) -> None:
         """Compiles what a request shaped like this one can run, so no later request pays for
-        compilation: one full solve, then a verification pass of every chunk width a window
-        can produce (their lengths vary with the drafted steps)."""
+        compilation: one full solve, then what that solve may not have reached: a verification
+        pass of every chunk width a window can produce, the target's fallback step (one row,
+        or W rows for eager), and the draft taking a committed step of every padded length."""
         self.solve(question, images)
         if self.spec.mode not in ("dreamr", "lookahead", "specreason"):
             return
@@ -178,6 +179,17 @@ class Engine:
             t = self.target.start(inputs, max_len)
             verdict_logits, _ = self._verify(t, [step], suffix)
             self._cpn(verdict_logits).accept.block_until_ready()
+        rows = [[0], [0] * self.spec.window] if self.spec.fallback == "eager" else [[0]]
+        for batch in rows:
+            t = select_rows(self.target.start(inputs, max_len), batch)
+            jax.block_until_ready(
+                self.target.step(t, self._key(0), self.spec.max_step_tokens, self.sampling)[0]
+            )
+        width = 1
+        while width < 2 * self.spec.max_step_tokens:
+            d = self.draft.start(inputs, max_len)
+            jax.block_until_ready(self.draft.extend(d, [[filler] * width], [[0]])[0])
+            width *= 2
 
     def _done(self, tokens: list[int]) -> bool:
         return bool(tokens) and (tokens[-1] in self.eos or len(tokens) >= self.spec.max_new_tokens)
