@@ -117,12 +117,14 @@ def problem_image(problem: digitmath.Problem) -> Image.Image:
     return digitmath.render_image(problem).convert("RGB")
 
 
-def judge_candidate(problem: digitmath.Problem, plan: ExamplePlan) -> tuple[str, bool]:
-    """The candidate step text of a judge example and whether it is correct."""
-    if plan.corrupt_seed is None:
-        return problem.steps[plan.judge_step], True
-    rng = np.random.default_rng(plan.corrupt_seed)
-    text, _ = digitmath.corrupt_step(problem, plan.judge_step, rng)
+def judge_candidate(
+    problem: digitmath.Problem, step: int, corrupt_seed: int | None
+) -> tuple[str, bool]:
+    """The candidate for judging `step` (gold, or corrupted from `corrupt_seed`) and whether it
+    is correct."""
+    if corrupt_seed is None:
+        return problem.steps[step], True
+    text, _ = digitmath.corrupt_step(problem, step, np.random.default_rng(corrupt_seed))
     return text, False
 
 
@@ -161,8 +163,7 @@ class SFTExampleBuilder:
     def _judge_query(self, problem, step: int, corrupt_seed, score: bool):
         """(query ids: candidate + suffix, verdict id) of judging `step`."""
         b = self.builder
-        plan = ExamplePlan(0, step, corrupt_seed, score)
-        text, correct = judge_candidate(problem, plan)
+        text, correct = judge_candidate(problem, step, corrupt_seed)
         query = b.judge_ids(b.step_ids(text, final=is_final_step(text)), score=score)
         return query, b.verdict_id(correct, score=score)
 

@@ -282,13 +282,12 @@ def branch_layout(
     sees_main = np.where(b_i == 0, j <= i, j < visible[:, :, None])
     mask = (main_j & sees_main) | ((b_i == b_j) & (b_i > 0) & (j <= i))
     positions = np.array(positions, np.int32, copy=True)
+    # Branches are contiguous: a token's offset in its branch is its distance to the branch's
+    # first token, the latest index where the branch id changed.
+    index = np.broadcast_to(np.arange(seq), branch.shape)
+    changed = np.concatenate([branch[:, :1] > 0, branch[:, 1:] != branch[:, :-1]], axis=1)
+    first = np.maximum.accumulate(np.where(changed, index, 0), axis=1)
     rows, cols = np.nonzero(branch > 0)
-    if len(rows):
-        # Offset inside the branch: tokens before this one with the same branch id.
-        first = {}
-        for r, c in zip(rows, cols, strict=True):
-            first.setdefault((r, branch[r, c]), c)
-        offset = np.asarray([c - first[(r, branch[r, c])] for r, c in zip(rows, cols, strict=True)])
-        anchor = positions[:, rows, visible[rows, cols] - 1]  # [3, n]: last visible main token
-        positions[:, rows, cols] = anchor.max(axis=0)[None, :] + 1 + offset[None, :]
+    anchor = positions[:, rows, visible[rows, cols] - 1]  # [3, n]: last visible main token
+    positions[:, rows, cols] = anchor.max(axis=0)[None, :] + 1 + (cols - first[rows, cols])
     return mask, positions
