@@ -157,6 +157,32 @@ def test_arithmetic_drills_are_true_facts_without_images(setup):
     assert np.isfinite(np.asarray(model.forward(inputs)[0])).all()
 
 
+def test_count_drills_state_the_true_count_of_their_reading_step(setup):
+    cfg, tokenizer, builder, processor, problems = setup
+    data = dataclasses.replace(cfg.data, count_drill_fraction=0.5)
+    examples = SFTExampleBuilder(problems, builder, processor, data)
+    ids, weights = examples.drill_ids(ExamplePlan(0, drill_seed=3))
+    steps = tokenizer.decode(ids).strip().split("\n\n")
+    weighted = tokenizer.decode([i for i, w in zip(ids, weights, strict=True) if w > 0])
+    counted = 0
+    for reading, step in zip(steps, steps[1:], strict=False):
+        if not step.startswith("In the "):
+            continue
+        counted += 1
+        assert step in weighted and reading not in weighted  # loss on the count, not the digits
+        name, digits = reading.removeprefix("The ").removesuffix(".").split(" shows ")
+        row = [int(d) for d in digits.replace(" and ", ", ").split(", ")]
+        threshold = int(step.split("greater than ")[1].split(",")[0])
+        assert step.startswith(f"In the {name}, ")
+        assert step.endswith(f"the count is {sum(d > threshold for d in row)}.")
+    assert counted >= 2
+    # Off by default: arithmetic-only drills keep their random stream (the shipped draft's data).
+    plain = SFTExampleBuilder(problems, builder, processor, cfg.data).drill_ids(
+        ExamplePlan(0, drill_seed=3)
+    )
+    assert "greater" not in tokenizer.decode(plain[0])
+
+
 def test_packed_judge_branches_equal_separate_examples(setup):
     """A chain example with judge branches under a tree mask computes, for every branch, the
     verdict logits of the stand-alone judge example, and the chain's logits are unchanged."""

@@ -258,11 +258,11 @@ class PromptConfig:
     system: str = ""  # an optional system message
     enable_thinking: bool = False  # open a <think> block after the assistant header
     step_delimiter: str = "\n\n"
-    judge_suffix: str = "Is the last step correct? Answer Yes or No.\nAnswer:"
+    judge_suffix: str = "Step correct? Answer:"
     positive_words: tuple[str, ...] = (" Yes",)
     negative_words: tuple[str, ...] = (" No",)
     # SpecReason's judge: the target rates the step 0-9 with one token; kept if >= the threshold.
-    score_suffix: str = "Rate the last step from 0 to 9.\nScore: "
+    score_suffix: str = "Score 0 to 9: "
 
     def validate(self, prefix: str = "prompt") -> None:
         if not self.step_delimiter:
@@ -284,6 +284,8 @@ class DataConfig:
     judge_fraction: float = 0.0  # share of SFT examples that teach step judging (the target's)
     score_fraction: float = 0.25  # share of judge examples in SpecReason's 0-9 score format
     drill_fraction: float = 0.0  # share of text-only arithmetic drills (the chains' operations)
+    # share of a drill's facts that are count_greater fragments (a reading step, then its count)
+    count_drill_fraction: float = 0.0
     judge_loss_weight: float = 1.0  # loss weight of a judge verdict token (a chain token: 1)
     # Judge queries packed as tree branches after each chain (several verdicts per example)
     judge_branches: int = 0
@@ -299,7 +301,7 @@ class DataConfig:
                 _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
         if self.val_problems < 0 or self.data_seed < 0:
             _fail(prefix, "val_problems and data_seed must be non-negative")
-        for name in ("judge_fraction", "score_fraction", "drill_fraction"):
+        for name in ("judge_fraction", "score_fraction", "drill_fraction", "count_drill_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 _fail(f"{prefix}.{name}", f"must be in [0, 1], got {getattr(self, name)}")
         if self.judge_fraction + self.drill_fraction >= 1:

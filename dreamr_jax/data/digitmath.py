@@ -302,6 +302,16 @@ def _count_step(name: str, row: Sequence[int], threshold: int) -> tuple[str, int
     return f"{text} {len(bigger)}.", len(bigger)
 
 
+def count_drill(rng: np.random.Generator) -> tuple[str, str]:
+    """A text-only count_greater fragment: (a reading step, the count step that follows it),
+    in the exact wording of the chains, for drills that teach comparing digits."""
+    rows = int(rng.integers(1, 3))
+    name = _row_name(rows, int(rng.integers(rows)))
+    row = _grid(rng, 1, int(rng.integers(2, 5)))[0]
+    text, _ = _count_step(name, row, int(rng.integers(1, 9)))
+    return _read_step(name, row), text
+
+
 def _count_greater(rng: np.random.Generator):
     """Digits above a threshold: reads, one count per row, a sum if 2 rows (3 or 6 steps)."""
     rows, cols = int(rng.integers(1, 3)), int(rng.integers(2, 5))

@@ -146,15 +146,24 @@ class SFTExampleBuilder:
         self.problems, self.builder, self.processor, self.data = problems, builder, processor, data
 
     def drill_ids(self, plan: ExamplePlan) -> tuple[list[int], list[float]]:
-        """Arithmetic facts, one step each, filling the sequence. Only results carry loss: the
-        operands are random, so their tokens would add irreducible noise to the gradient."""
+        """Arithmetic facts, one step each, filling the sequence, and with
+        `data.count_drill_fraction` count_greater fragments (a reading step, then its count).
+        Only results (and counts) carry loss: the operands are random, so their tokens would
+        add irreducible noise to the gradient."""
         rng = np.random.default_rng(plan.drill_seed)
         ids: list[int] = []
         weights: list[float] = []
         while True:
-            question, answer = arithmetic_fact(rng)
-            head = self.builder.encode(question)
-            tail = self.builder.step_ids(answer, final=False)
+            # (The draw only happens when counts are on, so arithmetic-only drills keep the
+            # random stream they always had.)
+            if self.data.count_drill_fraction and rng.random() < self.data.count_drill_fraction:
+                reading, count = digitmath.count_drill(rng)
+                head = self.builder.step_ids(reading, final=False)
+                tail = self.builder.step_ids(count, final=False)
+            else:
+                question, answer = arithmetic_fact(rng)
+                head = self.builder.encode(question)
+                tail = self.builder.step_ids(answer, final=False)
             if len(ids) + len(head) + len(tail) > self.data.seq_len:
                 return ids, weights
             ids += head + tail
