@@ -16,7 +16,7 @@ from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
 from dreamr_jax.serve.checkpoints import load_checkpoint
-from dreamr_jax.spec.engine import Engine
+from dreamr_jax.spec.engine import Engine, sd_accept
 from dreamr_jax.spec.runner import select_rows, truncate
 
 N_PROBLEMS = 12
@@ -72,6 +72,34 @@ def test_modes_write_well_formed_chains(pair, problems, mode):
         assert all(s.author in ("draft", "target") for s in sol.steps)
         if mode != "draft":
             assert sol.proposed > 0 and sol.target_calls > 0
+
+
+def test_sd_sampling_emits_tokens_distributed_as_the_target():
+    """Leviathan acceptance: whatever the draft proposes (drawn from q), the emitted token is
+    distributed as the target's p, including tokens the draft never proposes."""
+    p = np.array([0.5, 0.2, 0.15, 0.1, 0.05, 0.0])
+    q = np.array([0.1, 0.4, 0.0, 0.3, 0.1, 0.1])
+    probs = np.stack([p, np.full(6, 1 / 6)])  # before the proposed token, and after it
+    log_q = np.log(np.maximum(q, 1e-30))[None, None]
+    rng = np.random.default_rng(0)
+    trials, counts = 40_000, np.zeros(6)
+    for _ in range(trials):
+        proposal = [int(rng.choice(6, p=q))]
+        kept, extra = sd_accept(proposal, None, probs, log_q, rng)
+        counts[proposal[0] if kept else extra] += 1
+    np.testing.assert_allclose(counts / trials, p, atol=0.01)
+
+
+def test_sampled_sd_is_seeded_and_well_formed(pair, problems):
+    spec = dataclasses.replace(SPEC, mode="sd", temperature=1.0)
+    runs = []
+    for seed in (0, 0, 1):
+        engine = Engine(*pair, spec, seed=seed)
+        runs.append([engine.solve(p.question, [problem_image(p)]) for p in problems[:3]])
+    assert [s.tokens for s in runs[0]] == [s.tokens for s in runs[1]]
+    assert [s.tokens for s in runs[0]] != [s.tokens for s in runs[2]]
+    for sol in runs[0]:
+        assert 0 < len(sol.tokens) <= SPEC.max_new_tokens and sol.accepted <= sol.proposed
 
 
 def test_rollback_then_regenerate_gives_the_same_step(pair, problems):

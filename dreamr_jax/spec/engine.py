@@ -22,6 +22,7 @@ Modes:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -78,6 +79,48 @@ class Solution:
     target_calls: int = 0  # target forward launches (verification passes, step loops)
     format_misses: int = 0  # CPN verdicts below the format floor
     latency_s: float = 0.0
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def sd_target_view(first, logits, sampling: Sampling):
+    """The target's view of an sd proposal, in one program: its argmax `[rows]` and, when
+    sampling, its distribution `[rows, vocab]` before each proposed token and after the last.
+    logits: `[1, size, vocab]` at every chunk position; first: `[1, vocab]`, the logits before
+    the chunk when it starts with the proposal, or None when it starts with the pending token
+    (whose own logits were read the round before)."""
+    table = logits[0] if first is None else jnp.concatenate([first, logits[0]])
+    probs = None
+    if not sampling.greedy:
+        probs = jax.nn.softmax(filter_logits(table, sampling), axis=-1)
+    return jnp.argmax(table, axis=-1), probs
+
+
+def sd_accept(proposal, preds, probs, draft_log_probs, rng) -> tuple[int, int]:
+    """How many proposed tokens the target keeps, and the token it adds after them.
+
+    preds, probs: the target's argmax `[>= k + 1]` and, when sampling (else None), its
+    distribution `[>= k + 1, vocab]` before each proposed token and after the last
+    (`sd_target_view`); draft_log_probs: `[1, >= k, vocab]`, the draft's distributions.
+    Greedy: keep while the argmax agrees, then the argmax. Sampling (Leviathan et al.): keep
+    token x with probability min(1, p(x) / q(x)), else draw from max(p - q, 0) renormalised; the
+    emitted tokens are then distributed exactly as the target's own samples.
+    """
+    if probs is None:
+        preds = np.asarray(preds)
+        kept = 0
+        while kept < len(proposal) and proposal[kept] == preds[kept]:
+            kept += 1
+        return kept, int(preds[kept])
+    probs = np.asarray(probs, np.float64)
+    q = np.exp(np.asarray(draft_log_probs, np.float64)[0])
+    for i, token in enumerate(proposal):
+        if rng.random() < min(1.0, probs[i, token] / max(q[i, token], 1e-20)):
+            continue
+        residual = np.maximum(probs[i] - q[i], 0)
+        residual = residual / residual.sum() if residual.sum() > 0 else probs[i] / probs[i].sum()
+        return i, int(rng.choice(len(residual), p=residual))
+    last = probs[len(proposal)]
+    return len(proposal), int(rng.choice(len(last), p=last / last.sum()))
 
 
 class Engine:
@@ -246,11 +289,8 @@ class Engine:
 
         def at(indices) -> Session:
             """Rows cut back to the first i steps, for each i in `indices`."""
-            rows = jnp.asarray([int(offsets[i]) for i in indices], jnp.int32)
-            logits = jnp.concatenate(
-                [first if i == 0 else after[i - 1 : i] for i in indices], axis=0
-            )
-            return rows_at(tree, length0 + rows, position0 + rows, logits)
+            indices = list(indices)  # logits: `first` (i = 0), then after[i - 1]
+            return rows_at(tree, length0, position0, offsets[indices], (first, after), indices)
 
         return verdict, at
 
@@ -419,18 +459,13 @@ class Engine:
             # before each proposed token and after the last are `[k + 1, vocab]`. Gathers are
             # padded to sd_tokens + 1 and chunks to its width: one compiled shape per kind.
             size = self.spec.sd_tokens + 1
-            if pending is None:
-                first = t.logits
-                gather = list(range(k)) + [0] * (size - k)
-                logits, t = self.target.extend(t, [proposal], [gather], size)
-                target_logits = jnp.concatenate([first, logits[0, :k]], axis=0)
-            else:
-                gather = list(range(k + 1)) + [0] * (size - k - 1)
-                logits, t = self.target.extend(t, [[pending, *proposal]], [gather], size)
-                target_logits = logits[0, : k + 1]
+            first = t.logits if pending is None else None
+            chunk = proposal if pending is None else [pending, *proposal]
+            logits, t = self.target.extend(t, [chunk], [list(range(size))], size)
+            preds, probs = sd_target_view(first, logits, self.sampling)
             sol.target_calls += 1
             sol.proposed += k
-            kept, extra = self._sd_accept(proposal, target_logits, draft_dists[0], rng)
+            kept, extra = sd_accept(proposal, preds, probs, draft_dists, rng)
             sol.accepted += kept
             committed = proposal[:kept]
             if kept < k or proposal[-1] not in self.eos:
@@ -444,27 +479,6 @@ class Engine:
         sol.tokens = sol.tokens[: self.spec.max_new_tokens]
         sol.steps = self._split_steps(sol.tokens)
         return sol
-
-    def _sd_accept(self, proposal, target_logits, draft_log_probs, rng) -> tuple[int, int]:
-        """How many proposed tokens the target keeps, and the token it adds after them.
-        target_logits: `[k + 1, vocab]` (before each proposed token, and after the last);
-        draft_log_probs: `[>= k, vocab]`; both on device."""
-        if self.sampling.temperature <= 0:
-            preds = np.asarray(jnp.argmax(target_logits, axis=-1))
-            kept = 0
-            while kept < len(proposal) and proposal[kept] == preds[kept]:
-                kept += 1
-            return kept, int(preds[kept])
-        probs = np.asarray(jax.nn.softmax(filter_logits(target_logits, self.sampling), axis=-1))
-        q = np.exp(np.asarray(draft_log_probs))
-        for i, token in enumerate(proposal):
-            if rng.random() < min(1.0, probs[i, token] / max(q[i, token], 1e-20)):
-                continue
-            residual = np.maximum(probs[i] - q[i], 0)
-            residual = residual / residual.sum() if residual.sum() > 0 else probs[i]
-            return i, int(rng.choice(len(residual), p=residual))
-        last = probs[len(proposal)]
-        return len(proposal), int(rng.choice(len(last), p=last / last.sum()))
 
     def _split_steps(self, tokens: list[int]) -> list[StepRecord]:
         steps, current = [], []

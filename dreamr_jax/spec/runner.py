@@ -49,12 +49,14 @@ def _text_positions(mask: jax.Array, next_position: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def extend(graphdef, state, tokens, mask, cache: KVCache, gather):
+def extend(graphdef, state, tokens, mask, cache: KVCache, gather, logits_before):
     """Appends a right-padded chunk to every row.
 
     tokens, mask: `[batch, t]` (mask True on the first n_b tokens of row b).
     gather: `[batch, g]` chunk indices whose next-token logits to return.
-    Returns logits `[batch, g, vocab]` float32 and the cache, each row exactly n_b tokens longer.
+    logits_before: `[batch, vocab]`, the rows' next-token logits before the chunk.
+    Returns logits `[batch, g, vocab]` float32, the cache (each row exactly n_b tokens longer)
+    and the next-token logits after each row's chunk `[batch, vocab]` (unchanged where n_b = 0).
     """
     model = merge(graphdef, state)
     start = cache.length
@@ -62,8 +64,11 @@ def extend(graphdef, state, tokens, mask, cache: KVCache, gather):
     hidden, cache = model.hidden_states(inputs, cache)
     n = mask.sum(axis=1).astype(jnp.int32)
     cache = rollback(cache, start + n, cache.next_position)
-    picked = jnp.take_along_axis(hidden, gather[..., None], axis=1)
-    return model.logits(picked), cache
+    last = jnp.maximum(n - 1, 0)[:, None]
+    picked = jnp.take_along_axis(hidden, jnp.concatenate([gather, last], axis=1)[..., None], 1)
+    logits = model.logits(picked)
+    after = jnp.where((n > 0)[:, None], logits[:, -1], logits_before)
+    return logits[:, :-1], cache, after
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=6)
@@ -72,9 +77,10 @@ def extend_tree(graphdef, state, tokens, mask, offsets, chunk_mask, cache: KVCac
 
     tokens, mask, offsets: `[batch, t]`; offsets are text positions relative to the cache's
     next position (branches may reuse positions). chunk_mask: `[batch, t, t]`, which chunk
-    tokens each token sees. gather: `[batch, g]`. Returns logits `[batch, g, vocab]`, the
-    cache with the whole chunk written (the caller rolls it back to the branch it keeps) and
-    its length and next position `[batch]` from before the chunk.
+    tokens each token sees. gather: `[batch, 2 * s]`. Returns the logits at the first s and at
+    the last s gathered positions (`[batch, s, vocab]` each), the cache with the whole chunk
+    written (the caller rolls it back to the branch it keeps) and its length and next position
+    `[batch]` from before the chunk.
     """
     model = merge(graphdef, state)
     pos = jnp.where(mask, cache.next_position[:, None] + offsets, 0).astype(jnp.int32)
@@ -83,8 +89,9 @@ def extend_tree(graphdef, state, tokens, mask, offsets, chunk_mask, cache: KVCac
     )
     start = (cache.length, cache.next_position)
     hidden, cache = model.hidden_states(inputs, cache)
-    picked = jnp.take_along_axis(hidden, gather[..., None], axis=1)
-    return model.logits(picked), cache, start
+    logits = model.logits(jnp.take_along_axis(hidden, gather[..., None], axis=1))
+    half = gather.shape[1] // 2
+    return logits[:, :half], logits[:, half:], cache, start
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9), donate_argnums=3)
@@ -155,9 +162,13 @@ def generate_step(
     return tokens, n, hit_eos, log_probs, cache, logits
 
 
-def select_rows(session: Session, rows) -> Session:
-    """The sessions of `rows` (a list of batch indices), as a new batch."""
-    rows = jnp.asarray(rows, jnp.int32)
+# The session helpers below run between the jitted model calls of every decoding round. Each is
+# one jitted program: as a handful of eager ops they cost about a millisecond a call on CPU, more
+# than a draft step.
+
+
+@jax.jit
+def _select_rows(session: Session, rows) -> Session:
     cache = session.cache
     return Session(
         KVCache(
@@ -171,20 +182,48 @@ def select_rows(session: Session, rows) -> Session:
     )
 
 
-def rows_at(session: Session, lengths, positions, logits) -> Session:
-    """From a one-row session, len(lengths) rows cut back to `lengths` slots with next positions
-    `positions` and next-token logits `logits [rows, vocab]` (one row: no copy)."""
-    n = len(lengths)
-    base = session if n == 1 else select_rows(session, [0] * n)
-    cache = rollback(base.cache, jnp.asarray(lengths, jnp.int32), jnp.asarray(positions, jnp.int32))
-    return Session(cache, logits)
+def select_rows(session: Session, rows) -> Session:
+    """The sessions of `rows` (a list of batch indices), as a new batch."""
+    return _select_rows(session, np.asarray(rows, np.int32))
+
+
+@jax.jit
+def _rows_at(session: Session, length, position, offsets, logits_parts, picks) -> Session:
+    n = offsets.shape[0]
+    cache = session.cache
+    if n > 1:
+        copy = jnp.zeros((n,), jnp.int32)
+        cache = dataclasses.replace(
+            cache, k=cache.k[:, copy], v=cache.v[:, copy], valid=cache.valid[copy]
+        )
+    cache = rollback(cache, length + offsets, position + offsets)
+    return Session(cache, jnp.concatenate(logits_parts)[picks])
+
+
+def rows_at(session: Session, length, position, offsets, logits_parts, picks) -> Session:
+    """From a one-row session whose cache held `length` `[1]` slots (next position `position`
+    `[1]`) before a chunk: len(offsets) rows, row i cut back to `offsets[i]` tokens of the
+    chunk, with next-token logits row `picks[i]` of the `logits_parts` (a tuple of `[m_j,
+    vocab]` arrays) stacked."""
+    return _rows_at(
+        session,
+        length,
+        position,
+        np.asarray(offsets, np.int32),
+        tuple(logits_parts),
+        np.asarray(picks, np.int32),
+    )
+
+
+@jax.jit
+def _truncate(session: Session, drop, logits) -> Session:
+    cache = session.cache
+    return Session(rollback(cache, cache.length - drop, cache.next_position - drop), logits)
 
 
 def truncate(session: Session, drop: int, logits: jax.Array) -> Session:
     """Drops the last `drop` tokens of every row and sets the next-token logits."""
-    cache = session.cache
-    cache = rollback(cache, cache.length - drop, cache.next_position - drop)
-    return Session(cache, logits)
+    return _truncate(session, np.int32(drop), logits)
 
 
 def chunk_width(n: int) -> int:
@@ -324,10 +363,10 @@ class ModelRunner:
         gather = np.asarray([list(after) + pad + verdict + pad], np.int32)
         # The start length comes back from the device: arrays built on the host here would
         # reach later calls with another sharding, and jit compiles again for that.
-        logits, cache, start = extend_tree(
+        after, verdict, cache, start = extend_tree(
             self.graphdef, self.state, tokens, mask, offsets, seen, session.cache, gather
         )
-        return logits[0, :slots], logits[0, slots:], ends, Session(cache, session.logits), start
+        return after[0], verdict[0], ends, Session(cache, session.logits), start
 
     def extend(
         self, session: Session, rows: Sequence[Sequence[int]], gather, min_width: int = 1
@@ -337,17 +376,8 @@ class ModelRunner:
         Callers keep g fixed (and pass `min_width`) where lengths vary, so one program serves.
         Donates `session`."""
         ids, mask = pad_chunks(rows, self.pad_id, min_width)
-        lengths = mask.sum(axis=1)
         gather = np.asarray(gather, np.int32).reshape(len(rows), -1)
-        last = np.maximum(lengths - 1, 0)[:, None]
-        logits, cache = extend(
-            self.graphdef,
-            self.state,
-            ids,
-            mask,
-            session.cache,
-            np.concatenate([gather, last], axis=1),
+        logits, cache, after = extend(
+            self.graphdef, self.state, ids, mask, session.cache, gather, session.logits
         )
-        # A row with nothing appended keeps its previous next-token logits.
-        after = jnp.where(jnp.asarray(lengths > 0)[:, None], logits[:, -1], session.logits)
-        return logits[:, :-1], Session(cache, after)
+        return logits, Session(cache, after)
