@@ -112,7 +112,9 @@ def main() -> None:
 
     target = models["target"]
     judge_set = problems[: args.judge_problems]
-    examples = SFTExampleBuilder(judge_set, target.builder, target.processor, cfg.data)
+    examples = SFTExampleBuilder.for_evaluation(
+        judge_set, target.builder, target.processor, cfg.data
+    )
     report["target"]["cpn"] = judge_auroc(target.model, examples, seed=args.seed, batch_size=50)
     print("cpn", json.dumps(report["target"]["cpn"]), flush=True)
 

@@ -212,3 +212,32 @@ def test_packed_judge_branches_equal_separate_examples(setup):
         want = np.asarray(model.forward(inputs)[0])[0, :n]
         np.testing.assert_allclose(logits[:n], want, atol=1e-4)
     assert checked >= 6
+
+
+def test_content_error_weight_shifts_training_corruptions_but_not_evaluation(setup):
+    cfg, tokenizer, builder, processor, problems = setup
+    cases = [
+        (p, k, seed)
+        for p in problems
+        for k in range(len(p.steps))
+        if len(digitmath.applicable_kinds(p, k)) > 1
+        for seed in range(5)
+    ]
+
+    def content_share(weight):
+        kinds = [
+            digitmath.corrupt_step(p, k, np.random.default_rng(s), content_weight=weight)[1]
+            for p, k, s in cases
+        ]
+        return np.mean([kind in digitmath.CONTENT_ERRORS for kind in kinds]), kinds
+
+    uniform, kinds = content_share(1.0)
+    weighted, _ = content_share(3.0)
+    assert weighted > uniform + 0.15
+    # Weight 1 is the draw every earlier run made.
+    assert kinds == [digitmath.corrupt_step(p, k, np.random.default_rng(s))[1] for p, k, s in cases]
+    data = dataclasses.replace(cfg.data, content_error_weight=3.0)
+    train = SFTExampleBuilder(problems, builder, processor, data)
+    evaluation = SFTExampleBuilder.for_evaluation(problems, builder, processor, data)
+    assert train.data.content_error_weight == 3.0
+    assert evaluation.data.content_error_weight == 1.0

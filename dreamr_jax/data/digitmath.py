@@ -456,6 +456,11 @@ def _steps_of(problem: Problem | Mapping) -> Sequence[str]:
     return problem.steps if isinstance(problem, Problem) else problem["steps"]
 
 
+# Mistakes in what a step says (against the image or the arithmetic), as opposed to structural
+# ones (a step skipped or repeated), which a judge can spot without checking anything.
+CONTENT_ERRORS = ("misread", "arithmetic_slip")
+
+
 def applicable_kinds(problem: Problem | Mapping, step_index: int) -> tuple[str, ...]:
     """The corruption kinds that yield a wrong step at this position."""
     steps = _steps_of(problem)
@@ -501,20 +506,27 @@ def corrupt_step(
     step_index: int,
     rng: np.random.Generator,
     kind: str | None = None,
+    content_weight: float = 1.0,
 ) -> tuple[str, str]:
     """A realistic wrong version of step `step_index` and its kind.
 
     Kinds: "misread" (a reading step names a wrong digit), "arithmetic_slip" (a result off by
     1-3), "skipped_step" (the step after this one placed here: the chain jumps ahead),
-    "repeated_step" (the previous step again). `kind=None` picks one of the applicable kinds;
-    naming a kind that does not apply raises ValueError.
+    "repeated_step" (the previous step again). `kind=None` picks one of the applicable kinds,
+    uniformly, or with `content_weight` times the odds for the content errors (misread,
+    arithmetic_slip) against the structural ones; naming a kind that does not apply raises
+    ValueError.
     """
     steps = _steps_of(problem)
     kinds = applicable_kinds(problem, step_index)
     if kind is None:
         if not kinds:
             raise ValueError(f"no corruption applies to step {step_index}")
-        kind = kinds[int(rng.integers(len(kinds)))]
+        if content_weight == 1.0:  # the uniform draw, on the random stream it always used
+            kind = kinds[int(rng.integers(len(kinds)))]
+        else:
+            odds = np.array([content_weight if k in CONTENT_ERRORS else 1.0 for k in kinds])
+            kind = kinds[int(rng.choice(len(kinds), p=odds / odds.sum()))]
     elif kind not in kinds:
         raise ValueError(f"corruption {kind!r} does not apply to step {step_index}: {kinds}")
     text = steps[step_index]

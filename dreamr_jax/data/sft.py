@@ -118,13 +118,14 @@ def problem_image(problem: digitmath.Problem) -> Image.Image:
 
 
 def judge_candidate(
-    problem: digitmath.Problem, step: int, corrupt_seed: int | None
+    problem: digitmath.Problem, step: int, corrupt_seed: int | None, content_weight: float = 1.0
 ) -> tuple[str, bool]:
-    """The candidate for judging `step` (gold, or corrupted from `corrupt_seed`) and whether it
-    is correct."""
+    """The candidate for judging `step` (gold, or corrupted from `corrupt_seed`, content errors
+    drawn with `content_weight` times the odds) and whether it is correct."""
     if corrupt_seed is None:
         return problem.steps[step], True
-    text, _ = digitmath.corrupt_step(problem, step, np.random.default_rng(corrupt_seed))
+    rng = np.random.default_rng(corrupt_seed)
+    text, _ = digitmath.corrupt_step(problem, step, rng, content_weight=content_weight)
     return text, False
 
 
@@ -144,6 +145,14 @@ class SFTExampleBuilder:
         data: DataConfig,
     ):
         self.problems, self.builder, self.processor, self.data = problems, builder, processor, data
+
+    @classmethod
+    def for_evaluation(cls, problems, builder: PromptBuilder, processor, data: DataConfig):
+        """A builder whose judge candidates are drawn the same way in every run (uniform
+        corruption kinds), so that judge metrics compare across training recipes."""
+        return cls(
+            problems, builder, processor, dataclasses.replace(data, content_error_weight=1.0)
+        )
 
     def drill_ids(self, plan: ExamplePlan) -> tuple[list[int], list[float]]:
         """Arithmetic facts, one step each, filling the sequence, and with
@@ -172,7 +181,7 @@ class SFTExampleBuilder:
     def _judge_query(self, problem, step: int, corrupt_seed, score: bool):
         """(query ids: candidate + suffix, verdict id) of judging `step`."""
         b = self.builder
-        text, correct = judge_candidate(problem, step, corrupt_seed)
+        text, correct = judge_candidate(problem, step, corrupt_seed, self.data.content_error_weight)
         query = b.judge_ids(b.step_ids(text, final=is_final_step(text)), score=score)
         return query, b.verdict_id(correct, score=score)
 

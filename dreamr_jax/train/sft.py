@@ -57,7 +57,7 @@ def evaluate_model(cfg: Config, model, builder: PromptBuilder, processor) -> dic
         "generate_s": time.perf_counter() - started,
     }
     if cfg.eval.judge:
-        examples = SFTExampleBuilder(problems, builder, processor, cfg.data)
+        examples = SFTExampleBuilder.for_evaluation(problems, builder, processor, cfg.data)
         metrics.update(
             judge_auroc(model, examples, seed=cfg.data.data_seed, batch_size=cfg.eval.batch_size)
         )
