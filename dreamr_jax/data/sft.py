@@ -60,14 +60,15 @@ def plan_examples(
     rng = np.random.default_rng([seed, 17])
     branch_rng = np.random.default_rng([seed, 31])
 
+    def query(rng, problem, step) -> tuple[int | None, bool]:
+        """(corrupt_seed, score) of one judge query on `step`."""
+        corrupt = rng.random() < 0.5 and bool(digitmath.applicable_kinds(problem, step))
+        corrupt_seed = int(rng.integers(2**31)) if corrupt else None
+        return corrupt_seed, bool(rng.random() < score_fraction)
+
     def branches(problem) -> tuple:
         steps = branch_rng.permutation(len(problem.steps))[:judge_branches]
-        out = []
-        for step in sorted(int(k) for k in steps):
-            corrupt = branch_rng.random() < 0.5 and bool(digitmath.applicable_kinds(problem, step))
-            seed_ = int(branch_rng.integers(2**31)) if corrupt else None
-            out.append((step, seed_, bool(branch_rng.random() < score_fraction)))
-        return tuple(out)
+        return tuple((k, *query(branch_rng, problem, k)) for k in sorted(int(k) for k in steps))
 
     plans = [
         ExamplePlan(i, branches=branches(p) if judge_branches else ())
@@ -79,9 +80,7 @@ def plan_examples(
         index = int(rng.integers(len(problems)))
         problem = problems[index]
         step = int(rng.integers(len(problem.steps)))
-        corrupt = rng.random() < 0.5 and bool(digitmath.applicable_kinds(problem, step))
-        corrupt_seed = int(rng.integers(2**31)) if corrupt else None
-        plans.append(ExamplePlan(index, step, corrupt_seed, bool(rng.random() < score_fraction)))
+        plans.append(ExamplePlan(index, step, *query(rng, problem, step)))
     drills = np.random.default_rng([seed, 23]).integers(
         2**31, size=round(len(problems) * drill_fraction / rest)
     )

@@ -58,7 +58,8 @@ def rollback(cache: KVCache, length: jax.Array, next_position: jax.Array) -> KVC
     Entries past `length` keep stale values but are never read: attention only looks at slots
     below the query's own slot, and writes overwrite them before they count again.
     """
-    slots = jnp.arange(cache.max_len)[None, :]
+    # From `valid`, not k: host-side callers roll back a cache whose k and v are left out.
+    slots = jnp.arange(cache.valid.shape[1])[None, :]
     return dataclasses.replace(
         cache,
         valid=cache.valid & (slots < length[:, None]),

@@ -206,7 +206,8 @@ class Engine:
         """Compiles what a request shaped like this one can run, so no later request pays for
         compilation: one full solve, then what that solve may not have reached: a verification
         pass of every chunk width a window can produce, the target's fallback step (one row,
-        or W rows for eager), and the draft taking a committed step of every padded length."""
+        or W rows for eager), and the draft taking a committed step of every padded length and
+        dropping rejected steps."""
         self.solve(question, images)
         if self.spec.mode not in ("dreamr", "lookahead", "specreason"):
             return
@@ -231,7 +232,8 @@ class Engine:
         width = 1
         while width < 2 * self.spec.max_step_tokens:
             d = self.draft.start(inputs, max_len)
-            jax.block_until_ready(self.draft.extend(d, [[filler] * width], [[0]])[0])
+            _, d = self.draft.extend(d, [[filler] * width], [[0]])
+            jax.block_until_ready(truncate(d, 1, d.logits).cache.length)  # a rejected draft
             width *= 2
 
     def _done(self, tokens: list[int]) -> bool:

@@ -162,9 +162,14 @@ def generate_step(
     return tokens, n, hit_eos, log_probs, cache, logits
 
 
-# The session helpers below run between the jitted model calls of every decoding round. Each is
-# one jitted program: as a handful of eager ops they cost about a millisecond a call on CPU, more
-# than a draft step.
+# The session helpers below run between the jitted model calls of every decoding round. As a
+# handful of eager ops they cost about a millisecond a call on CPU, more than a draft step, so
+# each is one jitted program. Those that only cut rows back touch the bookkeeping alone (k and v
+# left out, then put back): a jitted function that returns k and v copies them.
+
+
+def _bookkeeping(cache: KVCache) -> KVCache:
+    return dataclasses.replace(cache, k=None, v=None)
 
 
 @jax.jit
@@ -188,42 +193,43 @@ def select_rows(session: Session, rows) -> Session:
 
 
 @jax.jit
-def _rows_at(session: Session, length, position, offsets, logits_parts, picks) -> Session:
-    n = offsets.shape[0]
-    cache = session.cache
-    if n > 1:
-        copy = jnp.zeros((n,), jnp.int32)
-        cache = dataclasses.replace(
-            cache, k=cache.k[:, copy], v=cache.v[:, copy], valid=cache.valid[copy]
-        )
-    cache = rollback(cache, length + offsets, position + offsets)
-    return Session(cache, jnp.concatenate(logits_parts)[picks])
+def _rows_at(one_row: KVCache, length, position, offsets, logits_parts, picks):
+    n, slots = offsets.shape[0], one_row.valid.shape[1]
+    rows = dataclasses.replace(one_row, valid=jnp.broadcast_to(one_row.valid, (n, slots)))
+    rows = rollback(rows, length + offsets, position + offsets)
+    return rows, jnp.concatenate(logits_parts)[picks]
 
 
 def rows_at(session: Session, length, position, offsets, logits_parts, picks) -> Session:
     """From a one-row session whose cache held `length` `[1]` slots (next position `position`
     `[1]`) before a chunk: len(offsets) rows, row i cut back to `offsets[i]` tokens of the
     chunk, with next-token logits row `picks[i]` of the `logits_parts` (a tuple of `[m_j,
-    vocab]` arrays) stacked."""
-    return _rows_at(
-        session,
+    vocab]` arrays) stacked. One row shares the session's k and v; more rows copy them."""
+    offsets = np.asarray(offsets, np.int32)
+    cache = session.cache
+    if len(offsets) > 1:
+        cache = select_rows(session, [0] * len(offsets)).cache
+    rows, logits = _rows_at(
+        _bookkeeping(session.cache),
         length,
         position,
-        np.asarray(offsets, np.int32),
+        offsets,
         tuple(logits_parts),
         np.asarray(picks, np.int32),
     )
+    return Session(dataclasses.replace(rows, k=cache.k, v=cache.v), logits)
 
 
 @jax.jit
-def _truncate(session: Session, drop, logits) -> Session:
-    cache = session.cache
-    return Session(rollback(cache, cache.length - drop, cache.next_position - drop), logits)
+def _truncate(cache: KVCache, drop) -> KVCache:
+    return rollback(cache, cache.length - drop, cache.next_position - drop)
 
 
 def truncate(session: Session, drop: int, logits: jax.Array) -> Session:
     """Drops the last `drop` tokens of every row and sets the next-token logits."""
-    return _truncate(session, np.int32(drop), logits)
+    cache = session.cache
+    cut = _truncate(_bookkeeping(cache), np.int32(drop))
+    return Session(dataclasses.replace(cut, k=cache.k, v=cache.v), logits)
 
 
 def chunk_width(n: int) -> int:
