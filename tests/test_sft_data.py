@@ -161,7 +161,7 @@ def test_count_drills_state_the_true_count_of_their_reading_step(setup):
     cfg, tokenizer, builder, processor, problems = setup
     data = dataclasses.replace(cfg.data, count_drill_fraction=0.5)
     examples = SFTExampleBuilder(problems, builder, processor, data)
-    ids, weights = examples.drill_ids(ExamplePlan(0, drill_seed=3))
+    ids, weights = examples.drill_ids(3, data.seq_len)
     steps = tokenizer.decode(ids).strip().split("\n\n")
     weighted = tokenizer.decode([i for i, w in zip(ids, weights, strict=True) if w > 0])
     counted = 0
@@ -177,9 +177,7 @@ def test_count_drills_state_the_true_count_of_their_reading_step(setup):
         assert step.endswith(f"the count is {sum(d > threshold for d in row)}.")
     assert counted >= 2
     # Off by default: arithmetic-only drills keep their random stream (the shipped draft's data).
-    plain = SFTExampleBuilder(problems, builder, processor, cfg.data).drill_ids(
-        ExamplePlan(0, drill_seed=3)
-    )
+    plain = SFTExampleBuilder(problems, builder, processor, cfg.data).drill_ids(3, 160)
     assert "greater" not in tokenizer.decode(plain[0])
 
 
@@ -212,6 +210,49 @@ def test_packed_judge_branches_equal_separate_examples(setup):
         want = np.asarray(model.forward(inputs)[0])[0, :n]
         np.testing.assert_allclose(logits[:n], want, atol=1e-4)
     assert checked >= 6
+
+
+def test_packed_drills_fill_the_row_and_equal_stand_alone_drills(setup):
+    """Drill facts packed after a chain and its judge branches are a sequence of their own:
+    their logits are those of the same facts as a stand-alone drill row, and the chain and the
+    verdicts before them are untouched."""
+    cfg, _, builder, processor, problems = setup
+    data = dataclasses.replace(
+        cfg.data, judge_branches=2, seq_len=240, count_drill_fraction=0.3, pack_drills=True
+    )
+    model = init_model(cfg.model, seed=0)
+    examples = SFTExampleBuilder(problems, builder, processor, data)
+    plans = plan_examples(problems[:4], 0.0, 0, 0.25, 0.0, judge_branches=2, pack_drills=True)
+    unpacked = plan_examples(problems[:4], 0.0, 0, 0.25, 0.0, judge_branches=2)
+    # Packing adds the fill and leaves every other draw of the plan as it was.
+    assert [dataclasses.replace(p, fill_seed=None) for p in plans] == unpacked
+    assert len({p.fill_seed for p in plans}) == len(plans)
+    for plan in plans[:2]:
+        packed = examples.build(plan)
+        n = int(packed["attention_mask"].sum())
+        fill = np.nonzero(packed["visible"][:n] == 0)[0]
+        assert len(fill) and n > data.seq_len - 20  # the row is (nearly) full
+        assert (packed["branch"][fill] == len(plan.branches) + 1).all()
+        inputs, weights = collate(cfg.model, {k: v[None] for k, v in packed.items()})
+        logits = np.asarray(model.forward(inputs)[0])[0]
+        drill, drill_weights = examples.drill_ids(plan.fill_seed, len(fill))
+        np.testing.assert_array_equal(packed["input_ids"][fill], drill)
+        np.testing.assert_array_equal(weights[0, fill], drill_weights)
+        alone = {
+            "input_ids": np.asarray([drill], np.int32),
+            "attention_mask": np.ones((1, len(drill)), bool),
+            "loss_mask": np.asarray([drill_weights], np.float32),
+        }
+        inputs, _ = collate(cfg.model, alone)
+        want = np.asarray(model.forward(inputs)[0])[0]
+        np.testing.assert_allclose(logits[fill], want, atol=1e-4)
+        plain = examples.build(dataclasses.replace(plan, fill_seed=None))
+        m = int(plain["attention_mask"].sum())
+        np.testing.assert_array_equal(packed["input_ids"][:m], plain["input_ids"][:m])
+        inputs, _ = collate(cfg.model, {k: v[None] for k, v in plain.items()})
+        np.testing.assert_allclose(
+            logits[:m], np.asarray(model.forward(inputs)[0])[0, :m], atol=1e-4
+        )
 
 
 def test_content_error_weight_shifts_training_corruptions_but_not_evaluation(setup):

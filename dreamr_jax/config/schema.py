@@ -292,6 +292,9 @@ class DataConfig:
     content_error_weight: float = 1.0
     # Judge queries packed as tree branches after each chain (several verdicts per example)
     judge_branches: int = 0
+    # Fill the room a reasoning example leaves in its row with drill facts, as one more branch
+    # that sees only itself (needs judge_branches: the rows carry the tree layout)
+    pack_drills: bool = False
     seq_len: int = 160  # every example is padded to this many tokens; longer ones are an error
     max_image_patches: int = 32  # every example's patches are padded to this many
     tokenizer: str = ""  # HF tokenizer folder; "" builds the default DigitMath tokenizer
@@ -315,6 +318,8 @@ class DataConfig:
             _fail(f"{prefix}.content_error_weight", "must be positive")
         if self.judge_branches < 0:
             _fail(f"{prefix}.judge_branches", f"must be >= 0, got {self.judge_branches}")
+        if self.pack_drills and not self.judge_branches:
+            _fail(f"{prefix}.pack_drills", "needs judge_branches > 0 (rows with a tree layout)")
 
 
 @dataclass(frozen=True)

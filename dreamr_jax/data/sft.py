@@ -42,6 +42,7 @@ class ExamplePlan:
     drill_seed: int | None = None  # an arithmetic drill (text only) instead of a problem
     # Judge branches packed after a reasoning example's chain: (step, corrupt_seed, score) each.
     branches: tuple[tuple[int, int | None, bool], ...] = ()
+    fill_seed: int | None = None  # drill facts filling the rest of a reasoning example's row
 
 
 def plan_examples(
@@ -51,14 +52,17 @@ def plan_examples(
     score_fraction: float = 0.0,
     drill_fraction: float = 0.0,
     judge_branches: int = 0,
+    pack_drills: bool = False,
 ) -> list[ExamplePlan]:
     """One reasoning example per problem, plus judge examples and arithmetic drills so that they
     make up `judge_fraction` and `drill_fraction` of the total; half of the judge candidates are
     corrupted where a corruption applies, and `score_fraction` of them use the 0-9 format. With
     `judge_branches`, every reasoning example also carries up to that many judge queries on
-    distinct steps, packed as branches (see `SFTExampleBuilder.token_ids`)."""
+    distinct steps, packed as branches (see `SFTExampleBuilder.token_ids`); with `pack_drills`,
+    drill facts fill the rest of its row."""
     rng = np.random.default_rng([seed, 17])
     branch_rng = np.random.default_rng([seed, 31])
+    fill_seeds = np.random.default_rng([seed, 37]).integers(2**31, size=len(problems))
 
     def query(rng, problem, step) -> tuple[int | None, bool]:
         """(corrupt_seed, score) of one judge query on `step`."""
@@ -71,7 +75,11 @@ def plan_examples(
         return tuple((k, *query(branch_rng, problem, k)) for k in sorted(int(k) for k in steps))
 
     plans = [
-        ExamplePlan(i, branches=branches(p) if judge_branches else ())
+        ExamplePlan(
+            i,
+            branches=branches(p) if judge_branches else (),
+            fill_seed=int(fill_seeds[i]) if pack_drills else None,
+        )
         for i, p in enumerate(problems)
     ]
     rest = max(1e-9, 1 - judge_fraction - drill_fraction)
@@ -153,12 +161,12 @@ class SFTExampleBuilder:
             problems, builder, processor, dataclasses.replace(data, content_error_weight=1.0)
         )
 
-    def drill_ids(self, plan: ExamplePlan) -> tuple[list[int], list[float]]:
-        """Arithmetic facts, one step each, filling the sequence, and with
+    def drill_ids(self, seed: int, room: int) -> tuple[list[int], list[float]]:
+        """Arithmetic facts, one step each, filling up to `room` tokens, and with
         `data.count_drill_fraction` count_greater fragments (a reading step, then its count).
         Only results (and counts) carry loss: the operands are random, so their tokens would
         add irreducible noise to the gradient."""
-        rng = np.random.default_rng(plan.drill_seed)
+        rng = np.random.default_rng(seed)
         ids: list[int] = []
         weights: list[float] = []
         while True:
@@ -172,7 +180,7 @@ class SFTExampleBuilder:
                 question, answer = arithmetic_fact(rng)
                 head = self.builder.encode(question)
                 tail = self.builder.step_ids(answer, final=False)
-            if len(ids) + len(head) + len(tail) > self.data.seq_len:
+            if len(ids) + len(head) + len(tail) > room:
                 return ids, weights
             ids += head + tail
             weights += [0.0] * len(head) + [1.0] * len(tail)
@@ -208,6 +216,13 @@ class SFTExampleBuilder:
                 weights += [0.0] * len(query) + [self.data.judge_loss_weight]
                 branch += [branch[-1] + 1 if branch[-1] else 1] * (len(query) + 1)
                 visible += [seen] * (len(query) + 1)
+            if plan.fill_seed is not None:
+                # A branch that sees no main token is a sequence of its own, positions from 0.
+                drill, drill_weights = self.drill_ids(plan.fill_seed, self.data.seq_len - len(ids))
+                ids += drill
+                weights += drill_weights
+                branch += [branch[-1] + 1] * len(drill)
+                visible += [0] * len(drill)
             return ids, weights, branch, visible
         context = b.steps_ids(problem.steps[: plan.judge_step], complete=False)
         query, verdict = self._judge_query(problem, plan.judge_step, plan.corrupt_seed, plan.score)
@@ -228,7 +243,7 @@ class SFTExampleBuilder:
         patch_dim = self.builder.model.vision.patch_dim
         if plan.drill_seed is not None:
             pixel_values, grid = np.zeros((0, patch_dim), np.float32), np.zeros((1, 3), np.int64)
-            ids, mask = self.drill_ids(plan)
+            ids, mask = self.drill_ids(plan.drill_seed, self.data.seq_len)
             branch, visible = [0] * len(ids), list(range(1, len(ids) + 1))
         else:
             pixel_values, grid = process_images(self.processor, [problem_image(problem)])
@@ -283,6 +298,7 @@ def sft_dataset(
         data.score_fraction,
         data.drill_fraction,
         data.judge_branches,
+        data.pack_drills,
     )
     examples = SFTExampleBuilder(problems, builder, processor, data)
     return grain.MapDataset.source(plans).map(examples.build)

@@ -272,7 +272,8 @@ def branch_layout(
 
     A main token sees the main tokens up to itself; a branch token sees the first `visible` main
     tokens and its own branch up to itself, and its text position continues from the last
-    visible main token, exactly as if the branch were appended to that prefix alone. Returns
+    visible main token, exactly as if the branch were appended to that prefix alone (a branch
+    with `visible` 0 is a text-only sequence of its own, positions from 0). Returns
     (mask `[batch, seq, seq]` bool, positions `[3, batch, seq]` int32).
     """
     seq = branch.shape[1]
@@ -288,6 +289,8 @@ def branch_layout(
     changed = np.concatenate([branch[:, :1] > 0, branch[:, 1:] != branch[:, :-1]], axis=1)
     first = np.maximum.accumulate(np.where(changed, index, 0), axis=1)
     rows, cols = np.nonzero(branch > 0)
-    anchor = positions[:, rows, visible[rows, cols] - 1]  # [3, n]: last visible main token
-    positions[:, rows, cols] = anchor.max(axis=0)[None, :] + 1 + (cols - first[rows, cols])
+    seen = visible[rows, cols]
+    # The last visible main token's position; a branch that sees none starts afresh at 0.
+    anchor = np.where(seen > 0, positions[:, rows, seen - 1].max(axis=0), -1)
+    positions[:, rows, cols] = anchor[None, :] + 1 + (cols - first[rows, cols])
     return mask, positions
