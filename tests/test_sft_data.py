@@ -172,13 +172,18 @@ def test_count_drills_state_the_true_count_of_their_reading_step(setup):
         assert step in weighted and reading not in weighted  # loss on the count, not the digits
         name, digits = reading.removeprefix("The ").removesuffix(".").split(" shows ")
         row = [int(d) for d in digits.replace(" and ", ", ").split(", ")]
-        threshold = int(step.split("greater than ")[1].split(",")[0])
-        assert step.startswith(f"In the {name}, ")
+        comparisons = step.removeprefix(f"In the {name}, ").split(", so the count is ")[0]
+        compared = [c.split() for c in comparisons.replace(" and ", ", ").split(", ")]
+        assert [int(d) for d, _, _ in compared] == row  # every digit, in reading order
+        threshold = int(compared[0][2])
+        for d, mark, t in compared:
+            assert int(t) == threshold
+            assert mark == ("<" if int(d) < threshold else "=" if int(d) == threshold else ">")
         assert step.endswith(f"the count is {sum(d > threshold for d in row)}.")
     assert counted >= 2
     # Off by default: arithmetic-only drills keep their random stream (the shipped draft's data).
     plain = SFTExampleBuilder(problems, builder, processor, cfg.data).drill_ids(3, 160)
-    assert "greater" not in tokenizer.decode(plain[0])
+    assert "the count is" not in tokenizer.decode(plain[0])
 
 
 def test_packed_judge_branches_equal_separate_examples(setup):
