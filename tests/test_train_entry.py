@@ -35,6 +35,7 @@ def run(tmp_path_factory):
         "train.save_every=2",
         "data.train_problems=16",
         "data.judge_fraction=0.25",
+        "data.seq_len=208",  # a judge example on a count_greater step needs up to 187 tokens
         "eval.problems=2",
         "eval.batch_size=2",
         "eval.max_new_tokens=8",
