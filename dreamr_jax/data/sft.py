@@ -62,7 +62,8 @@ def plan_examples(
     drill facts fill the rest of its row."""
     rng = np.random.default_rng([seed, 17])
     branch_rng = np.random.default_rng([seed, 31])
-    fill_seeds = np.random.default_rng([seed, 37]).integers(2**31, size=len(problems))
+    if pack_drills:
+        fill_seeds = np.random.default_rng([seed, 37]).integers(2**31, size=len(problems))
 
     def query(rng, problem, step) -> tuple[int | None, bool]:
         """(corrupt_seed, score) of one judge query on `step`."""
@@ -207,22 +208,25 @@ class SFTExampleBuilder:
             ids = prompt + chain
             weights = [0.0] * len(prompt) + [1.0] * len(chain)
             branch, visible = [0] * len(ids), list(range(1, len(ids) + 1))
+
+            def add_branch(tokens: list[int], token_weights: list[float], seen: int) -> None:
+                """Appends a branch that sees the first `seen` main tokens."""
+                branch.extend([branch[-1] + 1] * len(tokens))
+                visible.extend([seen] * len(tokens))
+                ids.extend(tokens)
+                weights.extend(token_weights)
+
             for step, corrupt_seed, score in plan.branches:
                 query, verdict = self._judge_query(problem, step, corrupt_seed, score)
                 if len(ids) + len(query) + 1 > self.data.seq_len:
                     continue
                 seen = len(prompt) + len(b.steps_ids(problem.steps[:step], complete=False))
-                ids += query + [verdict]
-                weights += [0.0] * len(query) + [self.data.judge_loss_weight]
-                branch += [branch[-1] + 1 if branch[-1] else 1] * (len(query) + 1)
-                visible += [seen] * (len(query) + 1)
+                add_branch(
+                    query + [verdict], [0.0] * len(query) + [self.data.judge_loss_weight], seen
+                )
             if plan.fill_seed is not None:
                 # A branch that sees no main token is a sequence of its own, positions from 0.
-                drill, drill_weights = self.drill_ids(plan.fill_seed, self.data.seq_len - len(ids))
-                ids += drill
-                weights += drill_weights
-                branch += [branch[-1] + 1] * len(drill)
-                visible += [0] * len(drill)
+                add_branch(*self.drill_ids(plan.fill_seed, self.data.seq_len - len(ids)), seen=0)
             return ids, weights, branch, visible
         context = b.steps_ids(problem.steps[: plan.judge_step], complete=False)
         query, verdict = self._judge_query(problem, plan.judge_step, plan.corrupt_seed, plan.score)
