@@ -1,6 +1,7 @@
 """The shipped DigitMath pair on held-out test problems: greedy final-answer accuracy of target and
-draft, the AUROC of the target's CPN score on correct vs corrupted steps, and the per-token greedy
-decode time of both models at batch 1, measured side by side in one run.
+draft, the AUROC of the target's CPN score on correct vs corrupted steps and on the draft's own
+right steps vs its first mistakes, and the per-token greedy decode time of both models at batch 1,
+measured side by side in one run.
 
     python bench/digitmath_eval.py [--problems 500] [--judge-problems 250] [--repeats 5]
                                    [--target checkpoints/digitmath/target]
@@ -28,6 +29,7 @@ from flax import nnx
 
 from dreamr_jax.config import load_config
 from dreamr_jax.data import digitmath
+from dreamr_jax.data.draft_mistakes import mistakes_of
 from dreamr_jax.data.sft import SFTExampleBuilder, problem_image
 from dreamr_jax.models.generate import decode_loop, prefill
 from dreamr_jax.models.inputs import prepare_inputs
@@ -35,7 +37,7 @@ from dreamr_jax.models.kv_cache import init_cache
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.models.sampling import GREEDY
 from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET, load_checkpoint
-from dreamr_jax.train.evaluate import greedy_solve, judge_auroc
+from dreamr_jax.train.evaluate import draft_step_judging, greedy_solve, judge_auroc
 
 
 def n_params(model) -> int:
@@ -87,6 +89,7 @@ def main() -> None:
         "test_problems": len(problems),
         "seed": args.seed,
     }
+    chains = {}
     for name, loaded in models.items():
         started = time.perf_counter()
         results = greedy_solve(
@@ -97,6 +100,7 @@ def main() -> None:
             batch_size=50,
             max_new_tokens=cfg.eval.max_new_tokens,
         )
+        chains[name] = results
         by_family: dict[str, list[bool]] = {}
         for problem, r in zip(problems, results, strict=True):
             by_family.setdefault(problem.family, []).append(r["correct"])
@@ -117,6 +121,18 @@ def main() -> None:
     )
     report["target"]["cpn"] = judge_auroc(target.model, examples, seed=args.seed, batch_size=50)
     print("cpn", json.dumps(report["target"]["cpn"]), flush=True)
+    # The steps dreamr puts to the judge: the draft's own, right ones and first mistakes.
+    draft_chains = chains["draft"][: args.judge_problems]
+    mistakes = mistakes_of(
+        judge_set, [r["output"] for r in draft_chains], [r["finished"] for r in draft_chains]
+    )
+    examples = SFTExampleBuilder.for_evaluation(
+        judge_set, target.builder, target.processor, cfg.data, mistakes
+    )
+    report["target"]["cpn_on_draft_steps"] = draft_step_judging(
+        target.model, examples, alpha=0.7, batch_size=50
+    )
+    print("cpn on draft steps", json.dumps(report["target"]["cpn_on_draft_steps"]), flush=True)
 
     timers = {name: decode_timer(loaded, problems[0]) for name, loaded in models.items()}
     for timer in timers.values():  # compile both lengths

@@ -161,3 +161,20 @@ def test_corruption_kinds_do_what_they_say():
     assert dm.corrupt_step(p, 2, rng, kind="repeated_step")[0] == p.steps[1]
     with pytest.raises(ValueError):
         dm.corrupt_step(p, 0, rng, kind="repeated_step")  # nothing before the first step
+
+
+def test_distorted_cells_are_seeded_variants_of_the_same_digits(problems):
+    p = problems["train"][0]
+    plain = np.asarray(dm.render_image(p))
+    first = np.asarray(dm.render_image(p, distort_seed=5))
+    np.testing.assert_array_equal(first, np.asarray(dm.render_image(p, distort_seed=5)))
+    assert first.shape == plain.shape and not np.array_equal(first, plain)
+    assert not np.array_equal(first, np.asarray(dm.render_image(p, distort_seed=6)))
+    # Each cell is still its digit: about the same ink, mostly in the same place.
+    cells = dm.CELL_SIZE
+    for r in range(plain.shape[0] // cells):
+        for c in range(plain.shape[1] // cells):
+            a = plain[r * cells : (r + 1) * cells, c * cells : (c + 1) * cells].astype(float)
+            b = first[r * cells : (r + 1) * cells, c * cells : (c + 1) * cells].astype(float)
+            assert 0.6 < b.sum() / a.sum() < 1.5
+            assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.3

@@ -287,3 +287,19 @@ def test_content_error_weight_shifts_training_corruptions_but_not_evaluation(set
     evaluation = SFTExampleBuilder.for_evaluation(problems, builder, processor, data)
     assert train.data.content_error_weight == 3.0
     assert evaluation.data.content_error_weight == 1.0
+
+
+def test_distorted_examples_change_only_their_pixels(setup):
+    cfg, _, builder, processor, problems = setup
+    plain = plan_examples(problems[:8], 0.0, 0, 0.25, 0.0, judge_branches=2)
+    plans = plan_examples(problems[:8], 0.0, 0, 0.25, 0.0, judge_branches=2, distort_fraction=0.5)
+    assert [dataclasses.replace(p, distort_seed=None) for p in plans] == plain
+    assert 0 < sum(p.distort_seed is not None for p in plans) < len(plans)
+    data = dataclasses.replace(cfg.data, judge_branches=2, seq_len=240)
+    examples = SFTExampleBuilder(problems, builder, processor, data)
+    plan = next(p for p in plans if p.distort_seed is not None)
+    distorted = examples.build(plan)
+    original = examples.build(dataclasses.replace(plan, distort_seed=None))
+    assert not np.array_equal(distorted["pixel_values"], original["pixel_values"])
+    for key in ("input_ids", "loss_mask", "image_grid_thw", "num_patches"):
+        np.testing.assert_array_equal(distorted[key], original[key])

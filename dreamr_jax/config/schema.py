@@ -295,6 +295,14 @@ class DataConfig:
     # Fill the room a reasoning example leaves in its row with drill facts, as one more branch
     # that sees only itself (needs judge_branches: the rows carry the tree layout)
     pack_drills: bool = False
+    # Judge negatives from a draft checkpoint folder: its greedy chain on each of the first
+    # `draft_mistake_problems` train problems, where it first leaves the gold chain, is the
+    # candidate of one judge branch (data/draft_mistakes.py); "" = none
+    draft_mistakes_from: str = ""
+    draft_mistake_problems: int = 0
+    # share of reasoning examples whose digit cells are randomly distorted (rotation, scale,
+    # shift): the model learns digits, not the train pool's scans
+    distort_fraction: float = 0.0
     seq_len: int = 160  # every example is padded to this many tokens; longer ones are an error
     max_image_patches: int = 32  # every example's patches are padded to this many
     tokenizer: str = ""  # HF tokenizer folder; "" builds the default DigitMath tokenizer
@@ -307,7 +315,14 @@ class DataConfig:
                 _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
         if self.val_problems < 0 or self.data_seed < 0:
             _fail(prefix, "val_problems and data_seed must be non-negative")
-        for name in ("judge_fraction", "score_fraction", "drill_fraction", "count_drill_fraction"):
+        fractions = (
+            "judge_fraction",
+            "score_fraction",
+            "drill_fraction",
+            "count_drill_fraction",
+            "distort_fraction",
+        )
+        for name in fractions:
             if not 0 <= getattr(self, name) <= 1:
                 _fail(f"{prefix}.{name}", f"must be in [0, 1], got {getattr(self, name)}")
         if self.judge_fraction + self.drill_fraction >= 1:
@@ -320,6 +335,18 @@ class DataConfig:
             _fail(f"{prefix}.judge_branches", f"must be >= 0, got {self.judge_branches}")
         if self.pack_drills and not self.judge_branches:
             _fail(f"{prefix}.pack_drills", "needs judge_branches > 0 (rows with a tree layout)")
+        if not 0 <= self.draft_mistake_problems <= self.train_problems:
+            _fail(
+                f"{prefix}.draft_mistake_problems",
+                f"must be in [0, train_problems={self.train_problems}], "
+                f"got {self.draft_mistake_problems}",
+            )
+        if self.draft_mistakes_from and not (self.judge_branches and self.draft_mistake_problems):
+            _fail(
+                f"{prefix}.draft_mistakes_from",
+                "needs judge_branches > 0 and draft_mistake_problems > 0 (the branches that judge "
+                "the draft's mistakes)",
+            )
 
 
 @dataclass(frozen=True)

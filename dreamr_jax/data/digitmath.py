@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 SPLITS = ("train", "val", "test")
 FAMILIES = (
@@ -184,15 +185,40 @@ def render_scan(index: int) -> np.ndarray:
     return np.repeat(np.repeat(cell, factor, axis=0), factor, axis=1).astype(np.uint8)
 
 
-def render_grid(scans: Sequence[Sequence[int]]) -> Image.Image:
-    """A grayscale ("L") image with one 32x32 cell per scan index, rows top to bottom."""
-    rows = [np.concatenate([render_scan(i) for i in row], axis=1) for row in scans]
+def distort_cell(cell: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random small affine distortion of a `[32, 32]` uint8 cell: rotation up to 12 degrees,
+    scale 0.88-1.12 per axis, shift up to 3 px, bilinear. Training on such variants of its ~1,260
+    scans keeps a model from learning the scans instead of the digits (run 7 misread 0.1% of
+    train digits and 2.3% of test digits)."""
+    angle = np.deg2rad(rng.uniform(-12.0, 12.0))
+    scale = rng.uniform(0.88, 1.12, size=2)
+    shift = rng.uniform(-3.0, 3.0, size=2)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    matrix = rotation @ np.diag(1.0 / scale)  # maps output pixels to input pixels
+    center = np.full(2, (CELL_SIZE - 1) / 2)
+    offset = center - matrix @ (center + shift)
+    out = ndimage.affine_transform(cell.astype(np.float32), matrix, offset=offset, order=1)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def render_grid(
+    scans: Sequence[Sequence[int]], distort: np.random.Generator | None = None
+) -> Image.Image:
+    """A grayscale ("L") image with one 32x32 cell per scan index, rows top to bottom; with
+    `distort`, every cell gets its own random distortion (`distort_cell`)."""
+
+    def cell(index: int) -> np.ndarray:
+        plain = render_scan(index)
+        return plain if distort is None else distort_cell(plain, distort)
+
+    rows = [np.concatenate([cell(i) for i in row], axis=1) for row in scans]
     return Image.fromarray(np.concatenate(rows, axis=0), mode="L")
 
 
-def render_image(problem: Problem) -> Image.Image:
-    """The picture of a problem."""
-    return render_grid(problem.scans)
+def render_image(problem: Problem, distort_seed: int | None = None) -> Image.Image:
+    """The picture of a problem; with `distort_seed`, a randomly distorted variant (training)."""
+    rng = None if distort_seed is None else np.random.default_rng(distort_seed)
+    return render_grid(problem.scans, rng)
 
 
 def png_bytes(image: Image.Image) -> bytes:

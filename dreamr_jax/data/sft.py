@@ -17,7 +17,7 @@ reproducible and checkpointable. Every example is padded to fixed shapes (`seq_l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -25,6 +25,7 @@ from PIL import Image
 
 from dreamr_jax.config.schema import DataConfig
 from dreamr_jax.data import digitmath
+from dreamr_jax.data.draft_mistakes import DraftMistake
 from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.models.processor import process_images
 
@@ -43,6 +44,7 @@ class ExamplePlan:
     # Judge branches packed after a reasoning example's chain: (step, corrupt_seed, score) each.
     branches: tuple[tuple[int, int | None, bool], ...] = ()
     fill_seed: int | None = None  # drill facts filling the rest of a reasoning example's row
+    distort_seed: int | None = None  # the image's cells randomly distorted (digitmath.distort_cell)
 
 
 def plan_examples(
@@ -53,17 +55,27 @@ def plan_examples(
     drill_fraction: float = 0.0,
     judge_branches: int = 0,
     pack_drills: bool = False,
+    mistake_steps: Mapping[int, int] | None = None,
+    distort_fraction: float = 0.0,
 ) -> list[ExamplePlan]:
     """One reasoning example per problem, plus judge examples and arithmetic drills so that they
     make up `judge_fraction` and `drill_fraction` of the total; half of the judge candidates are
     corrupted where a corruption applies, and `score_fraction` of them use the 0-9 format. With
     `judge_branches`, every reasoning example also carries up to that many judge queries on
     distinct steps, packed as branches (see `SFTExampleBuilder.token_ids`); with `pack_drills`,
-    drill facts fill the rest of its row."""
+    drill facts fill the rest of its row. `mistake_steps` (problem index -> step where the draft
+    first went wrong, see `data.draft_mistakes`) makes that step one of the problem's branches,
+    always corrupted: `SFTExampleBuilder` puts the draft's mistake there. `distort_fraction` of
+    the reasoning examples show randomly distorted digit cells."""
     rng = np.random.default_rng([seed, 17])
     branch_rng = np.random.default_rng([seed, 31])
     if pack_drills:
         fill_seeds = np.random.default_rng([seed, 37]).integers(2**31, size=len(problems))
+    distort_rng = np.random.default_rng([seed, 43])
+    distort_seeds = [
+        int(distort_rng.integers(2**31)) if distort_rng.random() < distort_fraction else None
+        for _ in problems
+    ]
 
     def query(rng, problem, step) -> tuple[int | None, bool]:
         """(corrupt_seed, score) of one judge query on `step`."""
@@ -71,15 +83,25 @@ def plan_examples(
         corrupt_seed = int(rng.integers(2**31)) if corrupt else None
         return corrupt_seed, bool(rng.random() < score_fraction)
 
-    def branches(problem) -> tuple:
-        steps = branch_rng.permutation(len(problem.steps))[:judge_branches]
-        return tuple((k, *query(branch_rng, problem, k)) for k in sorted(int(k) for k in steps))
+    def branches(index: int, problem) -> tuple:
+        steps = [int(k) for k in branch_rng.permutation(len(problem.steps))[:judge_branches]]
+        out = [(k, *query(branch_rng, problem, k)) for k in sorted(steps)]
+        mistake = (mistake_steps or {}).get(index)
+        if mistake is None:
+            return tuple(out)
+        # The draft's mistake replaces the query on its step, or the last drawn one. (Its own
+        # random stream: the other problems' plans stay what they are without mistakes.)
+        mistake_rng = np.random.default_rng([seed, 41, index])
+        score = bool(mistake_rng.random() < score_fraction)
+        others = [q for q in out if q[0] != mistake][: judge_branches - 1]
+        return tuple(sorted([*others, (mistake, int(mistake_rng.integers(2**31)), score)]))
 
     plans = [
         ExamplePlan(
             i,
-            branches=branches(p) if judge_branches else (),
+            branches=branches(i, p) if judge_branches else (),
             fill_seed=int(fill_seeds[i]) if pack_drills else None,
+            distort_seed=distort_seeds[i],
         )
         for i, p in enumerate(problems)
     ]
@@ -120,9 +142,10 @@ def arithmetic_fact(rng: np.random.Generator) -> tuple[str, str]:
     return f"{a} {symbol} {b} =", f" {result}."
 
 
-def problem_image(problem: digitmath.Problem) -> Image.Image:
-    """The RGB picture of a problem, as serving reads it from its PNG."""
-    return digitmath.render_image(problem).convert("RGB")
+def problem_image(problem: digitmath.Problem, distort_seed: int | None = None) -> Image.Image:
+    """The RGB picture of a problem, as serving reads it from its PNG (or, with `distort_seed`,
+    a distorted training variant)."""
+    return digitmath.render_image(problem, distort_seed).convert("RGB")
 
 
 def judge_candidate(
@@ -151,16 +174,21 @@ class SFTExampleBuilder:
         builder: PromptBuilder,
         processor,
         data: DataConfig,
+        draft_mistakes: Mapping[int, DraftMistake] | None = None,
     ):
+        """draft_mistakes: problem index -> the draft's first mistake on it, the candidate of
+        every corrupted query on that step."""
         self.problems, self.builder, self.processor, self.data = problems, builder, processor, data
+        self.draft_mistakes = dict(draft_mistakes or {})
 
     @classmethod
-    def for_evaluation(cls, problems, builder: PromptBuilder, processor, data: DataConfig):
+    def for_evaluation(
+        cls, problems, builder: PromptBuilder, processor, data: DataConfig, draft_mistakes=None
+    ):
         """A builder whose judge candidates are drawn the same way in every run (uniform
         corruption kinds), so that judge metrics compare across training recipes."""
-        return cls(
-            problems, builder, processor, dataclasses.replace(data, content_error_weight=1.0)
-        )
+        data = dataclasses.replace(data, content_error_weight=1.0)
+        return cls(problems, builder, processor, data, draft_mistakes)
 
     def drill_ids(self, seed: int, room: int) -> tuple[list[int], list[float]]:
         """Arithmetic facts, one step each, filling up to `room` tokens, and with
@@ -186,10 +214,16 @@ class SFTExampleBuilder:
             ids += head + tail
             weights += [0.0] * len(head) + [1.0] * len(tail)
 
-    def _judge_query(self, problem, step: int, corrupt_seed, score: bool):
-        """(query ids: candidate + suffix, verdict id) of judging `step`."""
+    def _judge_query(self, index: int, step: int, corrupt_seed, score: bool):
+        """(query ids: candidate + suffix, verdict id) of judging `step` of problem `index`."""
         b = self.builder
-        text, correct = judge_candidate(problem, step, corrupt_seed, self.data.content_error_weight)
+        mistake = self.draft_mistakes.get(index)
+        if corrupt_seed is not None and mistake is not None and mistake.step == step:
+            text, correct = mistake.text, False
+        else:
+            text, correct = judge_candidate(
+                self.problems[index], step, corrupt_seed, self.data.content_error_weight
+            )
         query = b.judge_ids(b.step_ids(text, final=is_final_step(text)), score=score)
         return query, b.verdict_id(correct, score=score)
 
@@ -217,7 +251,7 @@ class SFTExampleBuilder:
                 weights.extend(token_weights)
 
             for step, corrupt_seed, score in plan.branches:
-                query, verdict = self._judge_query(problem, step, corrupt_seed, score)
+                query, verdict = self._judge_query(plan.problem, step, corrupt_seed, score)
                 if len(ids) + len(query) + 1 > self.data.seq_len:
                     continue
                 seen = len(prompt) + len(b.steps_ids(problem.steps[:step], complete=False))
@@ -229,7 +263,9 @@ class SFTExampleBuilder:
                 add_branch(*self.drill_ids(plan.fill_seed, self.data.seq_len - len(ids)), seen=0)
             return ids, weights, branch, visible
         context = b.steps_ids(problem.steps[: plan.judge_step], complete=False)
-        query, verdict = self._judge_query(problem, plan.judge_step, plan.corrupt_seed, plan.score)
+        query, verdict = self._judge_query(
+            plan.problem, plan.judge_step, plan.corrupt_seed, plan.score
+        )
         ids = prompt + context + query + [verdict]
         mask = [0.0] * len(prompt) + [1.0] * len(context) + [0.0] * len(query)
         return (
@@ -250,7 +286,8 @@ class SFTExampleBuilder:
             ids, mask = self.drill_ids(plan.drill_seed, self.data.seq_len)
             branch, visible = [0] * len(ids), list(range(1, len(ids) + 1))
         else:
-            pixel_values, grid = process_images(self.processor, [problem_image(problem)])
+            image = problem_image(problem, plan.distort_seed)
+            pixel_values, grid = process_images(self.processor, [image])
             ids, mask, branch, visible = self.token_ids(plan, grid[0].tolist())
         seq_len, max_patches = self.data.seq_len, self.data.max_image_patches
         if len(ids) > seq_len:
@@ -293,8 +330,10 @@ def sft_dataset(
     processor,
     data: DataConfig,
     seed: int,
+    draft_mistakes: Mapping[int, DraftMistake] | None = None,
 ) -> grain.MapDataset:
     """A random-access grain dataset of padded SFT examples (reasoning, then judge ones)."""
+    mistakes = draft_mistakes or {}
     plans = plan_examples(
         problems,
         data.judge_fraction,
@@ -303,6 +342,8 @@ def sft_dataset(
         data.drill_fraction,
         data.judge_branches,
         data.pack_drills,
+        {i: m.step for i, m in mistakes.items()},
+        data.distort_fraction,
     )
-    examples = SFTExampleBuilder(problems, builder, processor, data)
+    examples = SFTExampleBuilder(problems, builder, processor, data, mistakes)
     return grain.MapDataset.source(plans).map(examples.build)

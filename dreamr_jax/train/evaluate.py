@@ -33,7 +33,7 @@ def greedy_solve(
     progress: bool = True,
 ) -> list[dict]:
     """Greedy chains for `problems`, in batches; per problem: id, output, prediction, correct,
-    new_tokens (generated tokens including EOS)."""
+    new_tokens (generated tokens including EOS), finished (whether it reached EOS)."""
     results = []
     batches = range(0, len(problems), batch_size)
     for start in tqdm(batches, desc="generate", disable=not progress or None, leave=False):
@@ -52,6 +52,7 @@ def greedy_solve(
                     "prediction": prediction,
                     "correct": digitmath.is_correct(prediction, problem.answer),
                     "new_tokens": int(np.argmax(eos)) + 1 if eos.any() else len(row),
+                    "finished": bool(eos.any()),
                 }
             )
     return results
@@ -137,4 +138,39 @@ def judge_auroc(
         "judge_wrong_steps": int((labels == 0).sum()),
         "judge_accuracy_at_0.7": float(np.mean((p > 0.7) == (labels == 1))),
         "judge_format_mass": float(np.mean(mass)),
+    }
+
+
+def draft_step_judging(
+    model,
+    examples: SFTExampleBuilder,
+    *,
+    alpha: float,
+    batch_size: int,
+    progress: bool = True,
+) -> dict:
+    """How the judge treats the draft's own steps (what `dreamr` verifies), on the problems of
+    `examples`, whose `draft_mistakes` hold the draft's first mistake per problem: the steps the
+    draft wrote right (gold steps before its first mistake, all of a chain without one) against
+    its first mistakes. AUROC, and the share of each accepted at `alpha`."""
+    plans, labels = [], []
+    for index, problem in enumerate(examples.problems):
+        mistake = examples.draft_mistakes.get(index)
+        right = mistake.step if mistake else len(problem.steps)
+        plans += [ExamplePlan(index, step, None) for step in range(right)]
+        labels += [1] * right
+        if mistake:
+            plans.append(ExamplePlan(index, mistake.step, 0))  # any seed: the mistake's text
+            labels.append(0)
+    labels = np.asarray(labels)
+    p, _ = judge_scores(model, examples, plans, batch_size=batch_size, progress=progress)
+    accepted = p > alpha
+    return {
+        "draft_steps_auroc": float(roc_auc_score(labels, p))
+        if 0 < labels.sum() < len(labels)
+        else float("nan"),
+        "draft_right_steps": int(labels.sum()),
+        "draft_mistakes": int((labels == 0).sum()),
+        f"right_steps_accepted_at_{alpha}": float(accepted[labels == 1].mean()),
+        f"mistakes_accepted_at_{alpha}": float(accepted[labels == 0].mean()),
     }

@@ -3,6 +3,7 @@ evaluation on the val split, and its export as a Hugging Face checkpoint directo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer
 from dreamr_jax.config.loader import save_config
 from dreamr_jax.config.schema import Config, DataConfig
 from dreamr_jax.data import digitmath
+from dreamr_jax.data.draft_mistakes import DraftMistake, load_mistakes, mistakes_of, save_mistakes
 from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.data.sft import SFTExampleBuilder, sft_dataset
 from dreamr_jax.data.tokenizer import build_default_tokenizer, save_tokenizer
@@ -19,6 +21,7 @@ from dreamr_jax.models.hf_io import save_pretrained
 from dreamr_jax.models.init import init_model
 from dreamr_jax.models.processor import make_image_processor
 from dreamr_jax.parallel.mesh import mesh_from_config
+from dreamr_jax.serve.checkpoints import load_checkpoint
 from dreamr_jax.train.evaluate import greedy_solve, judge_auroc
 from dreamr_jax.train.trainer import Trainer
 
@@ -64,13 +67,54 @@ def evaluate_model(cfg: Config, model, builder: PromptBuilder, processor) -> dic
     return metrics
 
 
+def draft_mistakes(cfg: Config, problems) -> dict[int, DraftMistake]:
+    """The configured draft's first mistakes on the first `data.draft_mistake_problems` train
+    problems (greedy), mined once and kept in `<output_dir>/draft_mistakes.json`, so that a
+    resumed run trains on the same examples. Empty when `data.draft_mistakes_from` is unset."""
+    data = cfg.data
+    if not data.draft_mistakes_from:
+        return {}
+    weights = os.path.join(data.draft_mistakes_from, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"data.draft_mistakes_from: no model.safetensors in {data.draft_mistakes_from!r}"
+        )
+    with open(weights, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    meta = {
+        "draft_sha256": digest,
+        "problems": data.draft_mistake_problems,
+        "data_seed": data.data_seed,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+    }
+    path = os.path.join(cfg.output_dir, "draft_mistakes.json")
+    mistakes = load_mistakes(path, meta)
+    if mistakes is None:
+        draft = load_checkpoint(data.draft_mistakes_from, cfg.prompt)
+        chosen = problems[: data.draft_mistake_problems]
+        results = greedy_solve(
+            draft.model,
+            draft.builder,
+            draft.processor,
+            chosen,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+        )
+        outputs = [r["output"] for r in results]
+        mistakes = mistakes_of(chosen, outputs, [r["finished"] for r in results])
+        save_mistakes(path, mistakes, meta)
+    print(f"{len(mistakes)} draft mistakes on {data.draft_mistake_problems} train problems")
+    return mistakes
+
+
 def run_sft(cfg: Config) -> dict:
     """Trains, evaluates and exports; returns the final metrics (also in <output_dir>/eval.json)."""
     tokenizer = load_tokenizer(cfg.data)
     builder = PromptBuilder.create(tokenizer, cfg.model, cfg.prompt)
     processor = make_image_processor(cfg.model.vision)
     problems = digitmath.generate_problems("train", cfg.data.train_problems, cfg.data.data_seed)
-    dataset = sft_dataset(problems, builder, processor, cfg.data, cfg.data.data_seed)
+    mistakes = draft_mistakes(cfg, problems)
+    dataset = sft_dataset(problems, builder, processor, cfg.data, cfg.data.data_seed, mistakes)
     mesh = mesh_from_config(cfg.mesh)
     model = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, mesh=mesh)
     trainer = Trainer(cfg, model, dataset, cfg.output_dir, mesh)
