@@ -303,3 +303,17 @@ def test_distorted_examples_change_only_their_pixels(setup):
     assert not np.array_equal(distorted["pixel_values"], original["pixel_values"])
     for key in ("input_ids", "loss_mask", "image_grid_thw", "num_patches"):
         np.testing.assert_array_equal(distorted[key], original[key])
+
+
+def test_reading_steps_weigh_read_loss_weight(setup):
+    cfg, _, builder, processor, problems = setup
+    data = dataclasses.replace(cfg.data, read_loss_weight=3.0)
+    problem = problems[0]
+    heavy = SFTExampleBuilder(problems, builder, processor, data).build(ExamplePlan(0))
+    plain = SFTExampleBuilder(problems, builder, processor, cfg.data).build(ExamplePlan(0))
+    np.testing.assert_array_equal(heavy["input_ids"], plain["input_ids"])
+    reading = [s for s in problem.steps if digitmath.is_reading_step(s)]
+    n_read = sum(len(builder.step_ids(s, final=False)) for s in reading)
+    assert reading and n_read > 0
+    assert (heavy["loss_mask"] == 3.0).sum() == n_read
+    assert heavy["loss_mask"].sum() == plain["loss_mask"].sum() + 2 * n_read

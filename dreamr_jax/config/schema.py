@@ -287,6 +287,7 @@ class DataConfig:
     # share of a drill's facts that are count_greater fragments (a reading step, then its count)
     count_drill_fraction: float = 0.0
     judge_loss_weight: float = 1.0  # loss weight of a judge verdict token (a chain token: 1)
+    read_loss_weight: float = 1.0  # loss weight of the tokens of the chains' reading steps
     # odds of a content error (misread, arithmetic slip) among a training candidate's corruptions,
     # against a structural one (skipped, repeated); evaluation always draws uniformly
     content_error_weight: float = 1.0
@@ -329,6 +330,8 @@ class DataConfig:
             _fail(prefix, "judge_fraction + drill_fraction must leave room for chains (< 1)")
         if self.judge_loss_weight <= 0:
             _fail(f"{prefix}.judge_loss_weight", "must be positive")
+        if self.read_loss_weight <= 0:
+            _fail(f"{prefix}.read_loss_weight", "must be positive")
         if self.content_error_weight <= 0:
             _fail(f"{prefix}.content_error_weight", "must be positive")
         if self.judge_branches < 0:
