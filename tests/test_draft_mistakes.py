@@ -43,7 +43,7 @@ def test_mistakes_are_judged_no_where_the_draft_went_wrong(problems):
     tokenizer = build_default_tokenizer()
     builder = PromptBuilder.create(tokenizer, cfg.model, cfg.prompt)
     processor = make_image_processor(cfg.model.vision)
-    data = dataclasses.replace(cfg.data, seq_len=320)
+    data = dataclasses.replace(cfg.data, seq_len=320, read_loss_weight=1.0)  # verdicts: weight 3
     mistakes = {0: DraftMistake(1, "The top row shows 9, 9 and 9."), 5: DraftMistake(0, "So 3.")}
     steps = {i: m.step for i, m in mistakes.items()}
     plans = plan_examples(problems, 0.0, 0, 0.25, 0.0, judge_branches=2, mistake_steps=steps)
