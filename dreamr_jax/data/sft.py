@@ -183,7 +183,12 @@ class SFTExampleBuilder:
 
     @classmethod
     def for_evaluation(
-        cls, problems, builder: PromptBuilder, processor, data: DataConfig, draft_mistakes=None
+        cls,
+        problems,
+        builder: PromptBuilder,
+        processor,
+        data: DataConfig,
+        draft_mistakes: Mapping[int, DraftMistake] | None = None,
     ):
         """A builder whose judge candidates are drawn the same way in every run (uniform
         corruption kinds), so that judge metrics compare across training recipes."""
@@ -214,19 +219,23 @@ class SFTExampleBuilder:
             ids += head + tail
             weights += [0.0] * len(head) + [1.0] * len(tail)
 
-    def _chain(self, steps: Sequence[str], complete: bool) -> tuple[list[int], list[float]]:
-        """Gold steps' ids (as `PromptBuilder.steps_ids`) and their loss weights: reading steps
-        weigh `data.read_loss_weight`. They are the only steps that need the image, so all of
-        the vision tower's gradient comes through them, and a model that does not start
-        reading early may never start (run 8: 6.5% val)."""
+    def _chain(
+        self, steps: Sequence[str], complete: bool
+    ) -> tuple[list[int], list[float], list[int]]:
+        """Gold steps' ids (as `PromptBuilder.steps_ids`), their loss weights, and the number of
+        tokens before each step. Reading steps weigh `data.read_loss_weight`: they are the only
+        steps that need the image, so all of the vision tower's gradient comes through them,
+        and a model that does not start reading early may never start (run 8: 6.5% val)."""
         ids: list[int] = []
         weights: list[float] = []
+        starts: list[int] = []
         for i, step in enumerate(steps):
             step_ids = self.builder.step_ids(step, final=complete and i == len(steps) - 1)
             weight = self.data.read_loss_weight if digitmath.is_reading_step(step) else 1.0
+            starts.append(len(ids))
             ids += step_ids
             weights += [weight] * len(step_ids)
-        return ids, weights
+        return ids, weights, starts
 
     def _judge_query(self, index: int, step: int, corrupt_seed, score: bool):
         """(query ids: candidate + suffix, verdict id) of judging `step` of problem `index`."""
@@ -252,7 +261,7 @@ class SFTExampleBuilder:
         b, problem = self.builder, self.problems[plan.problem]
         prompt = b.prompt_ids(problem.question, [grid])
         if plan.judge_step is None:
-            chain, chain_weights = self._chain(problem.steps, complete=True)
+            chain, chain_weights, starts = self._chain(problem.steps, complete=True)
             ids = prompt + chain
             weights = [0.0] * len(prompt) + chain_weights
             branch, visible = [0] * len(ids), list(range(1, len(ids) + 1))
@@ -268,15 +277,17 @@ class SFTExampleBuilder:
                 query, verdict = self._judge_query(plan.problem, step, corrupt_seed, score)
                 if len(ids) + len(query) + 1 > self.data.seq_len:
                     continue
-                seen = len(prompt) + len(b.steps_ids(problem.steps[:step], complete=False))
+                # (Only the last step ends with EOS, and it is never before a judged one.)
                 add_branch(
-                    query + [verdict], [0.0] * len(query) + [self.data.judge_loss_weight], seen
+                    query + [verdict],
+                    [0.0] * len(query) + [self.data.judge_loss_weight],
+                    seen=len(prompt) + starts[step],
                 )
             if plan.fill_seed is not None:
                 # A branch that sees no main token is a sequence of its own, positions from 0.
                 add_branch(*self.drill_ids(plan.fill_seed, self.data.seq_len - len(ids)), seen=0)
             return ids, weights, branch, visible
-        context, context_weights = self._chain(problem.steps[: plan.judge_step], complete=False)
+        context, context_weights, _ = self._chain(problem.steps[: plan.judge_step], complete=False)
         query, verdict = self._judge_query(
             plan.problem, plan.judge_step, plan.corrupt_seed, plan.score
         )
