@@ -1,6 +1,7 @@
 """DigitMath: determinism, disjoint scan pools, families, gold chains, CLI, corruptions."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -103,6 +104,47 @@ def test_gold_answers_follow_from_the_true_digits(problems):
             constant = int(q.rstrip("?").split()[-1])
             expected = number + constant if " plus " in q else number - constant
         assert p.answer == str(expected), (p.family, q, d, p.steps)
+
+
+_OPERATION_RE = re.compile(r"^\d+ [-+*] \d+( = \d+ [-+] \d+)? = -?\d+\.$")
+
+
+def _evaluate(expression: str) -> int:
+    a, op, b = expression.split(" ")
+    return {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
+def test_operation_steps_are_true_and_split_into_one_digit_operations(problems):
+    seen = set()
+    for p in problems["train"] + problems["val"]:
+        for step in p.steps:
+            if not re.match(r"^\d", step):
+                continue
+            assert _OPERATION_RE.match(step), step
+            sides = step.rstrip(".").split(" = ")
+            result = int(sides[-1])
+            assert _evaluate(sides[0]) == result, step
+            if len(sides) == 3:  # split: every part operates on a single digit
+                a, op, b = sides[0].split(" ")
+                assert _evaluate(sides[1]) == result, step
+                c, op2, d = sides[1].split(" ")
+                if op == "*":
+                    assert (op2, int(c), int(d)) == (
+                        "+",
+                        int(a[:-1]) * 10 * int(b),
+                        int(a[-1]) * int(b),
+                    )
+                else:
+                    assert (op2, int(d)) == (op, int(b) % 10) and int(b) >= 10, step
+                seen.add(op)
+            else:  # one go only where that is already a one-digit operation
+                a, op, b = sides[0].split(" ")
+                assert (
+                    (int(b) < 10 or int(b) % 10 == 0)
+                    if op != "*"
+                    else (int(a) < 10 or int(a) % 10 == 0)
+                ), step
+    assert seen == {"+", "-", "*"}
 
 
 def test_images_have_one_32px_cell_per_digit(problems):

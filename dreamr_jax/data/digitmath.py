@@ -246,14 +246,45 @@ def _read_step(name: str, row: Sequence[int]) -> str:
     return f"The {name} shows {_join(row)}."
 
 
+_OPERATIONS: dict[str, Callable[[int, int], int]] = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+}
+
+
+def operation_middle(a: int, symbol: str, b: int) -> str | None:
+    """The intermediate form an operation step writes before its result, or None.
+
+    Adding or subtracting a number with tens and units goes by its tens first, then its units
+    (`446 - 97 = 356 - 7 = 349`); a number with tens and units times a digit splits into the
+    two partial products (`54 * 6 = 300 + 24 = 324`). Run 9 got 89% of test problems right and
+    34 of its 54 failures were these operations done in one go, mostly a wrong tens digit after a
+    borrow or carry (`70 - 63 = 17`, `54 * 6 = 304`); split, every part is an operation on one
+    digit, which a small model can learn exactly."""
+    if symbol in "+-" and b >= 10 and b % 10:
+        tens = b - b % 10
+        return f"{_OPERATIONS[symbol](a, tens)} {symbol} {b % 10}"
+    if symbol == "*" and a >= 10 and a % 10:
+        tens = a - a % 10
+        return f"{tens * b} + {a % 10 * b}"
+    return None
+
+
+def operation_step(a: int, symbol: str, b: int) -> tuple[str, int]:
+    """One operation as a step ("54 * 6 = 300 + 24 = 324.") and its result."""
+    result = _OPERATIONS[symbol](a, b)
+    middle = operation_middle(a, symbol, b)
+    rest = f"{middle} = {result}" if middle else str(result)
+    return f"{a} {symbol} {b} = {rest}.", result
+
+
 def _fold(values: Sequence[int], symbol: str) -> tuple[list[str], int]:
     """Combines values left to right, one step per operation; returns the steps and the result."""
-    ops = {"+": lambda a, b: a + b, "*": lambda a, b: a * b}
     acc, steps = values[0], []
     for value in values[1:]:
-        result = ops[symbol](acc, value)
-        steps.append(f"{acc} {symbol} {value} = {result}.")
-        acc = result
+        step, acc = operation_step(acc, symbol, value)
+        steps.append(step)
     return steps, acc
 
 
@@ -301,7 +332,7 @@ def _sum_of_products(rng: np.random.Generator):
     )
     products = [a * b for a, b in zip(grid[0], grid[1], strict=True)]
     steps = [_read_step("top row", grid[0]), _read_step("bottom row", grid[1])]
-    steps += [f"{a} * {b} = {a * b}." for a, b in zip(grid[0], grid[1], strict=True)]
+    steps += [operation_step(a, "*", b)[0] for a, b in zip(grid[0], grid[1], strict=True)]
     sums, total = _fold(products, "+")
     return grid, question, [*steps, *sums, _answer_step(total)]
 
@@ -315,7 +346,7 @@ def _row_difference(rng: np.random.Generator):
     bottom_ops, bottom = _fold(grid[1], "+")
     big, small = max(top, bottom), min(top, bottom)
     steps = [_read_step("top row", grid[0]), _read_step("bottom row", grid[1])]
-    steps += [*top_ops, *bottom_ops, f"{big} - {small} = {big - small}."]
+    steps += [*top_ops, *bottom_ops, operation_step(big, "-", small)[0]]
     return grid, question, [*steps, _answer_step(big - small)]
 
 
@@ -370,8 +401,8 @@ def _number_plus(rng: np.random.Generator):
     number = int("".join(str(d) for d in grid[row]))
     add = bool(rng.integers(2))
     constant = int(rng.integers(1, 100 if add else min(99, number) + 1))
-    result = number + constant if add else number - constant
     word, symbol = ("plus", "+") if add else ("minus", "-")
+    operation, result = operation_step(number, symbol, constant)
     question = (
         f"Read the digits in the {name} from left to right as one number. "
         f"What is that number {word} {constant}?"
@@ -379,7 +410,7 @@ def _number_plus(rng: np.random.Generator):
     steps = [
         _read_step(name, grid[row]),
         f"Read from left to right, the {name} forms the number {number}.",
-        f"{number} {symbol} {constant} = {result}.",
+        operation,
         _answer_step(result),
     ]
     return grid, question, steps

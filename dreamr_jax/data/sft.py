@@ -133,13 +133,14 @@ _DRILLS = (
 
 
 def arithmetic_fact(rng: np.random.Generator) -> tuple[str, str]:
-    """One operation in the exact step form of the chains, split before the result:
-    ("54 + 48 =", " 102.")."""
+    """One operation in the exact step form of the chains, split after its operands:
+    ("54 + 48 =", " 94 + 8 = 102.")."""
     symbol, (lo, hi), second = _DRILLS[int(rng.integers(len(_DRILLS)))]
     a = int(rng.integers(lo, hi))
     b = int(rng.integers(*second(a)))
-    result = {"+": a + b, "-": a - b, "*": a * b}[symbol]
-    return f"{a} {symbol} {b} =", f" {result}."
+    step, _ = digitmath.operation_step(a, symbol, b)
+    head, tail = step.split(" =", 1)
+    return head + " =", tail
 
 
 def problem_image(problem: digitmath.Problem, distort_seed: int | None = None) -> Image.Image:
