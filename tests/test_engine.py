@@ -127,6 +127,35 @@ def test_rollback_then_regenerate_gives_the_same_step(pair, problems):
     np.testing.assert_allclose(np.asarray(chunk[0]), np.stack(stepwise), atol=2e-4)
 
 
+@pytest.mark.parametrize("budget", [40, 9], ids=["window-full", "budget-cut"])
+def test_window_in_one_call_equals_step_by_step(pair, problems, budget):
+    engine = Engine(*pair, dataclasses.replace(SPEC, mode="target"))
+    runner, p = engine.draft, problems[1]
+    ids, inputs = engine.prompt(p.question, [problem_image(p)])
+    key = jax.random.key(0)
+    one_by_one, logits = [], []
+    session = runner.start(inputs, engine.max_len(len(ids)))
+    logits.append(np.asarray(session.logits))
+    while len(one_by_one) < 3 and sum(map(len, one_by_one)) < budget:
+        tokens, n, _, _, session = runner.step(session, key, SPEC.max_step_tokens)
+        one_by_one.append(engine._take(tokens, n))
+        logits.append(np.asarray(session.logits))
+    reference = session
+    steps, marks, session = runner.steps(
+        runner.start(inputs, engine.max_len(len(ids))), key, budget, 3, SPEC.max_step_tokens
+    )
+    assert steps == one_by_one and (budget == 40) == (len(steps) == 3)
+    np.testing.assert_allclose(
+        np.asarray(marks[0, : len(steps) + 1]), np.concatenate(logits), atol=1e-5
+    )
+    np.testing.assert_allclose(np.asarray(session.logits), np.asarray(reference.logits), atol=1e-5)
+    assert int(session.cache.length[0]) == int(reference.cache.length[0])
+    # The cache holds the same tokens: the next step is the same.
+    after, n, _, _, _ = runner.step(session, key, SPEC.max_step_tokens)
+    want, m, _, _, _ = runner.step(reference, key, SPEC.max_step_tokens)
+    assert engine._take(after, n) == engine._take(want, m)
+
+
 def test_tree_verification_equals_separate_judge_queries(pair, problems):
     """verify_tree packs k candidates and k judge suffixes in one row with a tree mask; every
     verdict and every after-step distribution must match a plain query of that branch alone."""

@@ -95,6 +95,12 @@ def sd_target_view(first, logits, sampling: Sampling):
     return jnp.argmax(table, axis=-1), probs
 
 
+@jax.jit
+def _mark(marks, i):
+    """marks[:, i] `[batch, vocab]` with a traced i: one program for every i."""
+    return marks[:, i]
+
+
 def sd_accept(proposal, preds, probs, draft_log_probs, rng) -> tuple[int, int]:
     """How many proposed tokens the target keeps, and the token it adds after them.
 
@@ -258,23 +264,12 @@ class Engine:
         sol.steps.append(StepRecord(self.decode(step), author, step, **record))
 
     def _draft_window(self, d: Session, sol: Solution, limit: int):
-        """Up to `limit` draft steps. Returns (steps, logits before each step and after the
-        last, session)."""
-        steps, marks = [], [d.logits]
+        """Up to `limit` draft steps, in one device call. Returns (steps, marks `[1, limit + 1,
+        vocab]`: the draft's logits before each step and after the last, session)."""
         budget = self.spec.max_new_tokens - len(sol.tokens)
-        for _ in range(limit):
-            # Keyed by the position the step starts at, so sampled steps get fresh randomness.
-            key = self._key(self.spec.max_new_tokens - budget + 7919)
-            tokens, n, _, _, d = self.draft.step(d, key, self.spec.max_step_tokens, self.sampling)
-            step = self._take(tokens, n)
-            if not step:
-                break
-            steps.append(step)
-            marks.append(d.logits)
-            budget -= len(step)
-            if step[-1] in self.eos or budget <= 0:
-                break
-        return steps, marks, d
+        # Keyed by the position the window starts at, so sampled steps get fresh randomness.
+        key = self._key(len(sol.tokens) + 7919)
+        return self.draft.steps(d, key, budget, limit, self.spec.max_step_tokens, self.sampling)
 
     def _verify(self, t: Session, steps: list[list[int]], suffix_ids=None):
         """Judge queries for every drafted step in one tree-shaped pass over the target's
@@ -315,7 +310,7 @@ class Engine:
     def _resync_draft(self, d: Session, steps, marks, kept: int, new_step: list[int]) -> Session:
         """Draft cache back to the first `kept` drafted steps, then the committed target step."""
         drop = sum(len(s) for s in steps[kept:])
-        d = truncate(d, drop, marks[kept]) if drop else d
+        d = truncate(d, drop, _mark(marks, np.int32(kept))) if drop else d
         if new_step and new_step[-1] not in self.eos:
             _, d = self.draft.extend(d, [new_step], [[0]])
         return d

@@ -162,6 +162,83 @@ def generate_step(
     return tokens, n, hit_eos, log_probs, cache, logits
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10), donate_argnums=3)
+def generate_steps(
+    graphdef,
+    state,
+    logits,
+    cache: KVCache,
+    key,
+    budget,
+    max_steps: int,
+    max_step_tokens: int,
+    sampling: Sampling,
+    stop_ids: tuple[int, ...],
+    eos_ids: tuple[int, ...],
+):
+    """Up to `max_steps` steps per row in one device loop (a draft window): no host round trip
+    between steps. A row stops after EOS, after `max_steps` steps, or once it has written
+    `budget` `[batch]` tokens (at the end of that step). Each step ends as in `generate_step`.
+
+    Returns tokens `[batch, max_steps * max_step_tokens]` (-1 past the end), ends `[batch,
+    max_steps]` (tokens written through each step, 0 for steps not written), the number of steps
+    `[batch]`, marks `[batch, max_steps + 1, vocab]` (next-token logits before the first step
+    and after each step), the cache (each row as long as its steps) and the logits after them.
+    """
+    model = merge(graphdef, state)
+    b, vocab = logits.shape
+    stop = jnp.asarray(stop_ids + eos_ids, jnp.int32)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    rows = jnp.arange(b)
+    start = cache.length
+
+    def cond(carry):
+        i, active = carry[0], carry[2]
+        return (i < max_steps * max_step_tokens) & jnp.any(active)
+
+    def body(carry):
+        i, tokens, active, n, in_step, steps, ends, marks, cache, logits, key = carry
+        key, sub = jax.random.split(key)
+        token = jnp.where(active, sample(logits, sub, sampling), -1)
+        tokens = tokens.at[rows, n].set(token, mode="drop")
+        feed = jnp.maximum(token, 0)[:, None]
+        inputs = ModelInputs(
+            feed, active[:, None], _text_positions(active[:, None], cache.next_position), None
+        )
+        hidden, cache = model.hidden_states(inputs, cache)
+        logits = jnp.where(active[:, None], model.logits(hidden[:, 0]), logits)
+        n, in_step = n + active, in_step + active
+        step_ends = active & (jnp.isin(token, stop) | (in_step >= max_step_tokens))
+        # Rows whose step did not end write to an index past the end (dropped).
+        slot = jnp.where(step_ends, steps, max_steps + 1)
+        ends = ends.at[rows, slot].set(n, mode="drop")
+        marks = marks.at[rows, slot + 1].set(logits, mode="drop")
+        steps = steps + step_ends
+        in_step = jnp.where(step_ends, 0, in_step)
+        active = active & ~(
+            step_ends & (jnp.isin(token, eos) | (steps >= max_steps) | (n >= budget))
+        )
+        return i + 1, tokens, active, n, in_step, steps, ends, marks, cache, logits, key
+
+    zeros = jnp.zeros((b,), jnp.int32)
+    carry = (
+        0,
+        jnp.full((b, max_steps * max_step_tokens), -1, jnp.int32),
+        jnp.ones((b,), bool),
+        zeros,
+        zeros,
+        zeros,
+        jnp.zeros((b, max_steps), jnp.int32),
+        jnp.zeros((b, max_steps + 1, vocab), logits.dtype).at[:, 0].set(logits),
+        cache,
+        logits,
+        key,
+    )
+    _, tokens, _, n, _, steps, ends, marks, cache, logits, _ = jax.lax.while_loop(cond, body, carry)
+    cache = rollback(cache, start + n, cache.next_position)
+    return tokens, ends, steps, marks, cache, logits
+
+
 # The session helpers below run between the jitted model calls of every decoding round. As a
 # handful of eager ops they cost about a millisecond a call on CPU, more than a draft step, so
 # each is one jitted program. Those that only cut rows back touch the bookkeeping alone (k and v
@@ -325,6 +402,37 @@ class ModelRunner:
             keep_dists,
         )
         return tokens, n, hit_eos, log_probs, Session(cache, logits)
+
+    def steps(
+        self,
+        session: Session,
+        key,
+        budget: int,
+        max_steps: int,
+        max_step_tokens: int,
+        sampling: Sampling = GREEDY,
+    ) -> tuple[list[list[int]], jax.Array, Session]:
+        """Up to `max_steps` steps of a one-row session in one device call (`generate_steps`),
+        stopping after EOS or once `budget` tokens are written. Returns (the steps as token
+        lists, marks `[1, max_steps + 1, vocab]`: the logits before each step and after the
+        last, the session after the steps). Donates `session`."""
+        tokens, ends, count, marks, cache, logits = generate_steps(
+            self.graphdef,
+            self.state,
+            session.logits,
+            session.cache,
+            key,
+            np.full((session.batch,), budget, np.int32),
+            max_steps,
+            max_step_tokens,
+            sampling,
+            self.stop_ids,
+            self.eos_ids,
+        )
+        tokens, ends = np.asarray(tokens)[0], np.asarray(ends)[0, : int(np.asarray(count)[0])]
+        starts = np.concatenate([[0], ends[:-1]]).astype(int)
+        steps = [tokens[s:e].tolist() for s, e in zip(starts, ends, strict=True)]
+        return steps, marks, Session(cache, logits)
 
     def verify_tree(
         self,
