@@ -127,6 +127,19 @@ def test_rollback_then_regenerate_gives_the_same_step(pair, problems):
     np.testing.assert_allclose(np.asarray(chunk[0]), np.stack(stepwise), atol=2e-4)
 
 
+def test_rejected_steps_the_target_agrees_with_cost_no_decoding(pair, problems, target_outputs):
+    """The target as its own draft, with alpha 1: the judge rejects every step, yet each is the
+    target's own greedy step, which the verification pass has already computed token by token:
+    it is committed from there with no decoding (one target call per window)."""
+    engine = Engine(pair[0], pair[0], dataclasses.replace(SPEC, mode="dreamr", alpha=1.0))
+    solutions = [engine.solve(p.question, [problem_image(p)]) for p in problems]
+    assert [s.tokens for s in solutions] == target_outputs
+    for sol in solutions:
+        committed = [s for s in sol.steps if s.committed]
+        assert sol.accepted == 0 and all(s.author == "target" for s in committed)
+        assert sol.target_calls == len(committed)
+
+
 @pytest.mark.parametrize("budget", [40, 9], ids=["window-full", "budget-cut"])
 def test_window_in_one_call_equals_step_by_step(pair, problems, budget):
     engine = Engine(*pair, dataclasses.replace(SPEC, mode="target"))
@@ -165,7 +178,17 @@ def test_tree_verification_equals_separate_judge_queries(pair, problems):
     max_len = engine.max_len(len(ids))
     suffix = list(engine.builder.judge_suffix_ids)
     steps = [engine.builder.step_ids(s, final=False) for s in p.steps[:3]]
-    after, verdict, _, _, _ = runner.verify_tree(runner.start(inputs, max_len), steps, suffix)
+    after, verdict, greedy, _, _, _ = runner.verify_tree(
+        runner.start(inputs, max_len), steps, suffix
+    )
+    # The greedy token before each chain token: the argmax after the prompt, then after each
+    # token of the chain (what decoding the chain one token at a time would choose).
+    chain = [t for s in steps for t in s]
+    start = runner.start(inputs, max_len)
+    before = int(np.argmax(np.asarray(start.logits[0])))
+    logits, _ = runner.extend(start, [chain], [list(range(len(chain) - 1))])
+    want = [before, *np.argmax(np.asarray(logits[0]), axis=-1).tolist()]
+    assert np.asarray(greedy)[: len(chain)].tolist() == want
     for i in range(len(steps)):
         chain = [t for s in steps[: i + 1] for t in s]
         logits, _ = runner.extend(

@@ -129,6 +129,35 @@ def sd_accept(proposal, preds, probs, draft_log_probs, rng) -> tuple[int, int]:
     return len(proposal), int(rng.choice(len(last), p=last / last.sum()))
 
 
+@dataclasses.dataclass
+class Verification:
+    """One tree-shaped verification pass over k drafted steps (`Engine._verify`).
+
+    verdict_logits: `[max(W, k), vocab]` last-position logits of each judge query (rows past k
+    are padding). greedy: `[width]`, the target's greedy token before each chunk token.
+    starts: `[k + 1]`, where each step starts in the chunk, then where the chain ends.
+    """
+
+    verdict_logits: jax.Array
+    greedy: jax.Array
+    starts: np.ndarray
+    tree: Session  # one row holding the whole chunk; `first` logits are before it
+    start: tuple  # the cache length and next position before the chunk, `[1]` each
+    after: jax.Array  # `[slots, vocab]` logits after each step
+
+    def at(self, indices) -> Session:
+        """Rows cut back to the first i steps, for each i in `indices`, with the logits after
+        them."""
+        indices = list(indices)  # logits: the tree's (i = 0), then after[i - 1]
+        parts = (self.tree.logits, self.after)
+        return rows_at(self.tree, *self.start, self.starts[indices], parts, indices)
+
+    def cut(self, tokens: int) -> Session:
+        """One row cut back to the first `tokens` chain tokens. Its logits are a placeholder:
+        the caller extends it before decoding."""
+        return rows_at(self.tree, *self.start, [tokens], (self.tree.logits,), [0])
+
+
 class Engine:
     def __init__(self, target, draft, spec: SpecConfig, *, seed: int = 0):
         """target, draft: `LoadedModel`s (draft may be None for mode `target`)."""
@@ -227,8 +256,10 @@ class Engine:
         for width in sorted({chunk_width(n) for n in range(1, longest + 1)}):
             step = [filler] * max(1, width - len(suffix))
             t = self.target.start(inputs, max_len)
-            verdict_logits, _ = self._verify(t, [step], suffix)
-            self._cpn(verdict_logits).accept.block_until_ready()
+            self._cpn(self._verify(t, [step], suffix).verdict_logits).accept.block_until_ready()
+        # A fallback that starts from the verification's agreement: a cut, then one token.
+        v = self._verify(self.target.start(inputs, max_len), [[filler] * 2], suffix)
+        jax.block_until_ready(self.target.extend(v.cut(1), [[filler]], [[0]])[1].logits)
         rows = [[0], [0] * self.spec.window] if self.spec.fallback == "eager" else [[0]]
         for batch in rows:
             t = select_rows(self.target.start(inputs, max_len), batch)
@@ -241,6 +272,10 @@ class Engine:
             _, d = self.draft.extend(d, [[filler] * width], [[0]])
             jax.block_until_ready(truncate(d, 1, d.logits).cache.length)  # a rejected draft
             width *= 2
+        _, marks, _ = self._draft_window(
+            self.draft.start(inputs, max_len), Solution([], []), window
+        )
+        jax.block_until_ready(_mark(marks, np.int32(0)))  # the logits a rollback returns to
 
     def _done(self, tokens: list[int]) -> bool:
         return bool(tokens) and (tokens[-1] in self.eos or len(tokens) >= self.spec.max_new_tokens)
@@ -271,25 +306,13 @@ class Engine:
         key = self._key(len(sol.tokens) + 7919)
         return self.draft.steps(d, key, budget, limit, self.spec.max_step_tokens, self.sampling)
 
-    def _verify(self, t: Session, steps: list[list[int]], suffix_ids=None):
+    def _verify(self, t: Session, steps: list[list[int]], suffix_ids=None) -> Verification:
         """Judge queries for every drafted step in one tree-shaped pass over the target's
-        session (donated). Returns (last-position logits `[max(W, k), vocab]` of each query, rows
-        past k are padding; a function `at(indices)` giving sessions cut back to the first i
-        steps for each i, with the logits after them)."""
+        session (donated)."""
         suffix = list(self.builder.judge_suffix_ids if suffix_ids is None else suffix_ids)
         slots = max(self.spec.window, len(steps))
-        after, verdict, ends, tree, (length0, position0) = self.target.verify_tree(
-            t, steps, suffix, slots
-        )
-        first = t.logits
-        offsets = np.concatenate([[0], ends])
-
-        def at(indices) -> Session:
-            """Rows cut back to the first i steps, for each i in `indices`."""
-            indices = list(indices)  # logits: `first` (i = 0), then after[i - 1]
-            return rows_at(tree, length0, position0, offsets[indices], (first, after), indices)
-
-        return verdict, at
+        after, verdict, greedy, ends, tree, start = self.target.verify_tree(t, steps, suffix, slots)
+        return Verification(verdict, greedy, np.concatenate([[0], ends]), tree, start, after)
 
     @staticmethod
     def _rows(indices, at_least: int) -> list[int]:
@@ -315,14 +338,40 @@ class Engine:
             _, d = self.draft.extend(d, [new_step], [[0]])
         return d
 
-    def _target_takes_over(self, sol: Solution, base: Session, d: Session, steps, marks, kept):
-        """The target writes the step after the first `kept` drafted steps (on `base`, donated);
-        it is committed and the draft resynchronised. Returns (target, draft) sessions."""
-        tokens, n, _, _, t = self.target.step(
-            base, self._key(len(sol.tokens) + 1), self.spec.max_step_tokens, self.sampling
-        )
+    def _target_step(self, sol: Solution, v: Verification, steps, kept: int):
+        """The target's own step after the first `kept` drafted steps, and its session.
+
+        Greedy, most of it is read off the verification pass, where the target has already
+        made its greedy choice after every drafted token: its step starts with the longest
+        prefix of the rejected draft step that agrees with those choices, then its own token
+        where they part, and only the rest is decoded, from the verification's cache. A right
+        step the judge rejected is usually the target's own step word for word and costs no
+        decoding; a wrong one is usually wrong in its last numbers. Sampling decodes it all."""
+        key, cap = self._key(len(sol.tokens) + 1), self.spec.max_step_tokens
+        if not self.sampling.greedy:
+            tokens, n, _, _, t = self.target.step(v.at([kept]), key, cap, self.sampling)
+            sol.target_calls += 1
+            return self._take(tokens, n), t
+        draft_step, start = steps[kept], int(v.starts[kept])
+        greedy = np.asarray(v.greedy)[start : start + len(draft_step)]
+        same = greedy == np.asarray(draft_step)
+        agree = len(draft_step) if same.all() else int(np.argmin(same))
+        if agree == len(draft_step):
+            return list(draft_step), v.at([kept + 1])
+        own = [*draft_step[:agree], int(greedy[agree])]
+        _, t = self.target.extend(v.cut(start + agree), [own[-1:]], [[0]])
         sol.target_calls += 1
-        new_step = self._take(tokens, n)
+        ends = self.target.stop_ids + self.target.eos_ids
+        if own[-1] in ends or len(own) >= cap:
+            return own, t
+        tokens, n, _, _, t = self.target.step(t, key, cap, self.sampling, limit=cap - len(own))
+        sol.target_calls += 1
+        return own + self._take(tokens, n), t
+
+    def _target_takes_over(self, sol: Solution, v: Verification, d: Session, steps, marks, kept):
+        """The target writes the step after the first `kept` drafted steps (`_target_step`);
+        it is committed and the draft resynchronised. Returns (target, draft) sessions."""
+        new_step, t = self._target_step(sol, v, steps, kept)
         self._commit(sol, new_step, "target")
         return t, self._resync_draft(d, steps, marks, kept, new_step)
 
@@ -334,13 +383,13 @@ class Engine:
             if not steps:
                 break
             k = len(steps)
-            verdict_logits, at = self._verify(t, steps)
-            verdicts = self._cpn(verdict_logits)
+            v = self._verify(t, steps)
+            verdicts = self._cpn(v.verdict_logits)
             sol.target_calls += 1
             if eager:  # the target's step at every position, dispatched before any verdict
                 # (always W rows, so one program serves every window)
                 fallback = self.target.step(
-                    at(self._rows(range(k), self.spec.window)),
+                    v.at(self._rows(range(k), self.spec.window)),
                     self._key(len(sol.tokens) + 1),
                     self.spec.max_step_tokens,
                     self.sampling,
@@ -354,14 +403,14 @@ class Engine:
             for i in range(kept):
                 self._commit(sol, steps[i], "draft", p=float(p[i]), accepted=True)
             if kept == k:
-                t = at([k])
+                t = v.at([k])
                 continue
             rejected = steps[kept]
             sol.steps.append(
                 StepRecord(self.decode(rejected), "draft", rejected, float(p[kept]), False, False)
             )
             if not eager:
-                t, d = self._target_takes_over(sol, at([kept]), d, steps, marks, kept)
+                t, d = self._target_takes_over(sol, v, d, steps, marks, kept)
                 continue
             tokens, n, _, _, batch = fallback
             new_step = self._take(tokens, n, kept)
@@ -378,17 +427,17 @@ class Engine:
             if not steps:
                 break
             step = steps[0]
-            verdict_logits, at = self._verify(t, steps, self.builder.score_suffix_ids)
+            v = self._verify(t, steps, self.builder.score_suffix_ids)
             sol.target_calls += 1
-            score = int(np.argmax(np.asarray(verdict_logits[0][score_ids])))
+            score = int(np.argmax(np.asarray(v.verdict_logits[0][score_ids])))
             sol.proposed += 1
             if score >= self.spec.score_threshold:
                 sol.accepted += 1
                 self._commit(sol, step, "draft", p=score / 9, accepted=True)
-                t = at([1])
+                t = v.at([1])
                 continue
             sol.steps.append(StepRecord(self.decode(step), "draft", step, score / 9, False, False))
-            t, d = self._target_takes_over(sol, at([0]), d, steps, marks, 0)
+            t, d = self._target_takes_over(sol, v, d, steps, marks, 0)
         return sol
 
     def _lookahead(self, t: Session, d: Session) -> Solution:
@@ -400,9 +449,9 @@ class Engine:
             k = len(steps)
             # One pass over the drafted chain (with the judge queries, used on a mismatch), then
             # the target writes its own step after every prefix of it, as k + 1 batched rows.
-            verdict_logits, at = self._verify(t, steps)
+            v = self._verify(t, steps)
             tokens, n, _, _, batch = self.target.step(
-                at(self._rows(range(k + 1), self.spec.window + 1)),
+                v.at(self._rows(range(k + 1), self.spec.window + 1)),
                 self._key(len(sol.tokens) + 1),
                 self.spec.max_step_tokens,
                 self.sampling,
@@ -415,7 +464,7 @@ class Engine:
                 same = self.decode(step).strip() == self.decode(target_steps[i]).strip()
                 p = None
                 if not same:  # not the same words: the target judges whether the step holds
-                    verdicts = verdicts or self._cpn(verdict_logits)
+                    verdicts = verdicts or self._cpn(v.verdict_logits)
                     p = float(verdicts.p[i])
                     same = bool(verdicts.accept[i])
                 sol.proposed += 1

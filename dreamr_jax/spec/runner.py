@@ -72,15 +72,20 @@ def extend(graphdef, state, tokens, mask, cache: KVCache, gather, logits_before)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=6)
-def extend_tree(graphdef, state, tokens, mask, offsets, chunk_mask, cache: KVCache, gather):
+def extend_tree(
+    graphdef, state, tokens, mask, offsets, chunk_mask, cache: KVCache, gather, logits_before
+):
     """Appends a chunk whose tokens form a tree rather than a chain (one row per batch entry).
 
     tokens, mask, offsets: `[batch, t]`; offsets are text positions relative to the cache's
     next position (branches may reuse positions). chunk_mask: `[batch, t, t]`, which chunk
-    tokens each token sees. gather: `[batch, 2 * s]`. Returns the logits at the first s and at
-    the last s gathered positions (`[batch, s, vocab]` each), the cache with the whole chunk
-    written (the caller rolls it back to the branch it keeps) and its length and next position
-    `[batch]` from before the chunk.
+    tokens each token sees. gather: `[batch, 2 * s]`. logits_before: `[batch, vocab]`, the
+    next-token logits before the chunk. Returns the logits at the first s and at the last s
+    gathered positions (`[batch, s, vocab]` each); the model's greedy choice for each chunk
+    token's position `[batch, t]` (the argmax of the logits before it: before the chunk for
+    token 0, else after the token in front of it, which for a chain is its prefix); the cache
+    with the whole chunk written (the caller rolls it back to the branch it keeps) and its
+    length and next position `[batch]` from before the chunk.
     """
     model = merge(graphdef, state)
     pos = jnp.where(mask, cache.next_position[:, None] + offsets, 0).astype(jnp.int32)
@@ -91,7 +96,9 @@ def extend_tree(graphdef, state, tokens, mask, offsets, chunk_mask, cache: KVCac
     hidden, cache = model.hidden_states(inputs, cache)
     logits = model.logits(jnp.take_along_axis(hidden, gather[..., None], axis=1))
     half = gather.shape[1] // 2
-    return logits[:, :half], logits[:, half:], cache, start
+    greedy = jnp.argmax(model.logits(hidden[:, :-1]), axis=-1).astype(jnp.int32)
+    first = jnp.argmax(logits_before, axis=-1).astype(jnp.int32)[:, None]
+    return logits[:, :half], logits[:, half:], jnp.concatenate([first, greedy], 1), cache, start
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9), donate_argnums=3)
@@ -106,8 +113,10 @@ def generate_step(
     stop_ids: tuple[int, ...],
     eos_ids: tuple[int, ...],
     keep_dists: bool = False,
+    limit=None,
 ):
-    """One step per row from next-token `logits [batch, vocab]`.
+    """One step per row from next-token `logits [batch, vocab]`, of at most `limit` (a traced
+    scalar, so any limit reuses the program; default `max_tokens`) tokens.
 
     Returns tokens `[batch, max_tokens]` (-1 after the end), the step length n `[batch]` (with its
     terminator), whether it ended with EOS `[batch]`, with `keep_dists` the draw distribution of
@@ -121,9 +130,11 @@ def generate_step(
     eos = jnp.asarray(eos_ids, jnp.int32)
     start = cache.length
 
+    limit = max_tokens if limit is None else jnp.minimum(limit, max_tokens)
+
     def cond(carry):
         i, active = carry[0], carry[3]
-        return (i < max_tokens) & jnp.any(active)
+        return (i < limit) & jnp.any(active)
 
     def body(carry):
         i, tokens, log_probs, active, n, hit_eos, cache, logits, key = carry
@@ -385,8 +396,10 @@ class ModelRunner:
         *,
         stop: bool = True,
         keep_dists: bool = False,
+        limit: int | None = None,
     ):
-        """Generates one step per row (or up to `max_tokens` tokens, EOS only, with stop=False).
+        """Generates one step per row (or up to `max_tokens` tokens, EOS only, with stop=False),
+        of at most `limit` tokens (default `max_tokens`; one program for every limit).
         Returns (tokens `[batch, max_tokens]`, n `[batch]`, hit_eos `[batch]`, log_probs,
         session), all still on device. Donates `session`."""
         tokens, n, hit_eos, log_probs, cache, logits = generate_step(
@@ -400,6 +413,7 @@ class ModelRunner:
             self.stop_ids if stop else (),
             self.eos_ids,
             keep_dists,
+            np.int32(max_tokens if limit is None else limit),
         )
         return tokens, n, hit_eos, log_probs, Session(cache, logits)
 
@@ -449,7 +463,9 @@ class ModelRunner:
         rows, so a window of any shape reuses a few compiled programs.
 
         Returns (logits after each step `[slots, vocab]`, logits at the end of each suffix
-        `[slots, vocab]`, rows past k are padding; ends: the chunk length through each step;
+        `[slots, vocab]`, rows past k are padding; the target's greedy token before each chunk
+        token `[width]`, which on the chain is its greedy next token after the tokens before
+        it; ends: the chunk length through each step;
         the one-row session holding the whole tree; the cache length and next position before
         it). Donates `session`.
         """
@@ -477,10 +493,18 @@ class ModelRunner:
         gather = np.asarray([list(after) + pad + verdict + pad], np.int32)
         # The start length comes back from the device: arrays built on the host here would
         # reach later calls with another sharding, and jit compiles again for that.
-        after, verdict, cache, start = extend_tree(
-            self.graphdef, self.state, tokens, mask, offsets, seen, session.cache, gather
+        after, verdict, greedy, cache, start = extend_tree(
+            self.graphdef,
+            self.state,
+            tokens,
+            mask,
+            offsets,
+            seen,
+            session.cache,
+            gather,
+            session.logits,
         )
-        return after[0], verdict[0], ends, Session(cache, session.logits), start
+        return after[0], verdict[0], greedy[0], ends, Session(cache, session.logits), start
 
     def extend(
         self, session: Session, rows: Sequence[Sequence[int]], gather, min_width: int = 1
