@@ -130,14 +130,15 @@ def test_rollback_then_regenerate_gives_the_same_step(pair, problems):
 def test_rejected_steps_the_target_agrees_with_cost_no_decoding(pair, problems, target_outputs):
     """The target as its own draft, with alpha 1: the judge rejects every step, yet each is the
     target's own greedy step, which the verification pass has already computed token by token:
-    it is committed from there with no decoding (one target call per window)."""
+    it is committed from there with no decoding, and the window goes on (one target call, the
+    verification pass, per window of W steps)."""
     engine = Engine(pair[0], pair[0], dataclasses.replace(SPEC, mode="dreamr", alpha=1.0))
     solutions = [engine.solve(p.question, [problem_image(p)]) for p in problems]
     assert [s.tokens for s in solutions] == target_outputs
     for sol in solutions:
         committed = [s for s in sol.steps if s.committed]
         assert sol.accepted == 0 and all(s.author == "target" for s in committed)
-        assert sol.target_calls == len(committed)
+        assert sol.target_calls == -(-len(committed) // SPEC.window)
 
 
 @pytest.mark.parametrize("budget", [40, 9], ids=["window-full", "budget-cut"])

@@ -338,24 +338,35 @@ class Engine:
             _, d = self.draft.extend(d, [new_step], [[0]])
         return d
 
+    def _agreement(self, v: Verification, steps, j: int) -> tuple[int, np.ndarray]:
+        """How many leading tokens of drafted step j the target, decoding greedily from the
+        same prefix, would have written itself, and its greedy choices `[len(step)]` there
+        (read off the verification pass, which has computed them already)."""
+        start = int(v.starts[j])
+        greedy = np.asarray(v.greedy)[start : start + len(steps[j])]
+        same = greedy == np.asarray(steps[j])
+        return (len(same) if same.all() else int(np.argmin(same))), greedy
+
+    def _is_own_step(self, v: Verification, steps, j: int) -> bool:
+        """Whether drafted step j is word for word the step the target would write there
+        (greedy decoding only)."""
+        return self.sampling.greedy and self._agreement(v, steps, j)[0] == len(steps[j])
+
     def _target_step(self, sol: Solution, v: Verification, steps, kept: int):
         """The target's own step after the first `kept` drafted steps, and its session.
 
-        Greedy, most of it is read off the verification pass, where the target has already
-        made its greedy choice after every drafted token: its step starts with the longest
-        prefix of the rejected draft step that agrees with those choices, then its own token
-        where they part, and only the rest is decoded, from the verification's cache. A right
-        step the judge rejected is usually the target's own step word for word and costs no
-        decoding; a wrong one is usually wrong in its last numbers. Sampling decodes it all."""
+        Greedy, most of it is read off the verification pass (`_agreement`): the target's
+        step starts with the longest prefix of the rejected draft step that agrees with its
+        greedy choices, then its own token where they part, and only the rest is decoded, from
+        the verification's cache. A wrong draft step is usually wrong in its last numbers.
+        Sampling decodes the whole step."""
         key, cap = self._key(len(sol.tokens) + 1), self.spec.max_step_tokens
         if not self.sampling.greedy:
             tokens, n, _, _, t = self.target.step(v.at([kept]), key, cap, self.sampling)
             sol.target_calls += 1
             return self._take(tokens, n), t
         draft_step, start = steps[kept], int(v.starts[kept])
-        greedy = np.asarray(v.greedy)[start : start + len(draft_step)]
-        same = greedy == np.asarray(draft_step)
-        agree = len(draft_step) if same.all() else int(np.argmin(same))
+        agree, greedy = self._agreement(v, steps, kept)
         if agree == len(draft_step):
             return list(draft_step), v.at([kept + 1])
         own = [*draft_step[:agree], int(greedy[agree])]
@@ -397,18 +408,26 @@ class Engine:
                 sol.target_calls += 1
             ok, p = np.asarray(verdicts.accept)[:k], np.asarray(verdicts.p)[:k]
             sol.format_misses += int(np.sum(~np.asarray(verdicts.format_ok)[:k]))
-            kept = int(np.argmin(ok)) if not ok.all() else k
             sol.proposed += k
-            sol.accepted += kept
-            for i in range(kept):
-                self._commit(sol, steps[i], "draft", p=float(p[i]), accepted=True)
+            kept = 0
+            while kept < k:
+                step = steps[kept]
+                if ok[kept]:
+                    sol.accepted += 1
+                    self._commit(sol, step, "draft", p=float(p[kept]), accepted=True)
+                else:
+                    text = self.decode(step)
+                    sol.steps.append(StepRecord(text, "draft", step, float(p[kept]), False, False))
+                    # A rejected step that is word for word the target's own step there is
+                    # what the fallback would commit; the later steps were drafted and judged
+                    # after exactly it, so the window goes on.
+                    if not self._is_own_step(v, steps, kept):
+                        break
+                    self._commit(sol, step, "target")
+                kept += 1
             if kept == k:
                 t = v.at([k])
                 continue
-            rejected = steps[kept]
-            sol.steps.append(
-                StepRecord(self.decode(rejected), "draft", rejected, float(p[kept]), False, False)
-            )
             if not eager:
                 t, d = self._target_takes_over(sol, v, d, steps, marks, kept)
                 continue
