@@ -6,8 +6,12 @@ next-token logits after them. Everything that touches the device is a plain `jax
 - `prefill`: the prompt (text + images) into an empty cache.
 - `extend`: a right-padded chunk of text tokens per row into the cache, returning the logits at
   chosen positions (verification reads the judge verdicts and the logits after each candidate).
+- `extend_tree`: the same for a tree-shaped chunk (a verification pass: drafted steps plus a
+  judge suffix after each), also returning the greedy token at every position.
 - `generate_step`: one reasoning step per row inside a single `lax.while_loop`, stopping per row
   on the step delimiter, EOS or the step cap; the cache is donated and updated in place.
+- `generate_steps`: a draft window, up to W steps in one loop, with each step's end and the
+  logits after it (what a rollback returns to).
 
 Rows that finish early keep running in the batch with their tokens masked out; each function ends
 by rolling every row back to exactly its own committed length, so caches never hold holes.
