@@ -205,6 +205,34 @@ def test_corruption_kinds_do_what_they_say():
         dm.corrupt_step(p, 0, rng, kind="repeated_step")  # nothing before the first step
 
 
+def test_split_operations_also_slip_in_their_middle(problems):
+    """Half the slips of a split operation change its middle, and the result follows from the
+    wrong middle (as the draft's own mistakes do); the other half change only the result."""
+    rng = np.random.default_rng(0)
+    middle = end = 0
+    for p in problems["train"]:
+        for i, step in enumerate(p.steps):
+            if not step[0].isdigit() or step.count(" = ") != 2:
+                continue
+            slip, _ = dm.corrupt_step(p, i, rng, kind="arithmetic_slip")
+            head, mid, result = slip.rstrip(".").split(" = ")
+            gold_head, gold_mid, gold_result = step.rstrip(".").split(" = ")
+            assert head == gold_head and result != gold_result
+            assert min(int(x) for x in mid.split(" ")[::2] + [result]) >= 0
+            if mid == gold_mid:
+                end += 1
+                assert 1 <= abs(int(result) - int(gold_result)) <= 3
+            else:
+                middle += 1
+                assert _evaluate(mid) == int(result), slip  # wrong middle, result follows it
+                moved = [
+                    abs(int(x) - int(y))
+                    for x, y in zip(mid.split()[::2], gold_mid.split()[::2], strict=True)
+                ]
+                assert sorted(moved)[0] == 0 and sorted(moved)[1] in (1, 2, 3, 10, 20, 30)
+    assert middle > 20 and end > 20
+
+
 def test_distorted_cells_are_seeded_variants_of_the_same_digits(problems):
     p = problems["train"][0]
     plain = np.asarray(dm.render_image(p))

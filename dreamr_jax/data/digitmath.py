@@ -557,8 +557,33 @@ def _misread(text: str, rng: np.random.Generator) -> str:
     return text[:pos] + str(wrong) + text[pos + 1 :]
 
 
+_SPLIT_STEP_RE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+) ([-+]) (\d+) = (\d+)\.$")
+
+
+def _slip_middle(split: re.Match, rng: np.random.Generator) -> str:
+    """A split operation wrong in its middle, and its result wrong with it, as the draft goes
+    wrong (`62 + 15 = 92 + 5 = 97.`): the tens part moves by 10-30 (a wrong tens digit), or, in
+    a product, the units' product by 1-3. Nothing goes below zero."""
+    a, op, b, tens, op2, units, _ = split.groups()
+    tens, units = int(tens), int(units)
+    delta = int(rng.choice([-3, -2, -1, 1, 2, 3]))
+    move_units = op == "*" and rng.random() < 0.5
+    for sign in (1, -1):
+        t = tens if move_units else tens + 10 * sign * delta
+        u = units + sign * delta if move_units else units
+        result = _OPERATIONS[op2](t, u)
+        if min(t, u, result) >= 0:
+            break
+    return f"{a} {op} {b} = {t} {op2} {u} = {result}."
+
+
 def _slip(text: str, rng: np.random.Generator) -> str:
-    """Moves the result at the end of a step by 1-3, keeping counts and sums non-negative."""
+    """Moves the result at the end of a step by 1-3, keeping counts and sums non-negative; half
+    of the split operations slip in their middle instead (`_slip_middle`)."""
+    split = _SPLIT_STEP_RE.match(text)
+    # (The extra draw only for split steps: other slips keep the random stream they had.)
+    if split and rng.random() < 0.5:
+        return _slip_middle(split, rng)
     match = _RESULT_RE.search(text)
     value = int(match.group(1))
     delta = int(rng.choice([-3, -2, -1, 1, 2, 3]))
@@ -577,11 +602,11 @@ def corrupt_step(
     """A realistic wrong version of step `step_index` and its kind.
 
     Kinds: "misread" (a reading step names a wrong digit), "arithmetic_slip" (a result off by
-    1-3), "skipped_step" (the step after this one placed here: the chain jumps ahead),
-    "repeated_step" (the previous step again). `kind=None` picks one of the applicable kinds,
-    uniformly, or with `content_weight` times the odds for the content errors (misread,
-    arithmetic_slip) against the structural ones; naming a kind that does not apply raises
-    ValueError.
+    1-3, or a split operation wrong in its middle), "skipped_step" (the step after this one
+    placed here: the chain jumps ahead), "repeated_step" (the previous step again).
+    `kind=None` picks one of the applicable kinds, uniformly, or with `content_weight` times
+    the odds for the content errors (misread, arithmetic_slip) against the structural ones;
+    naming a kind that does not apply raises ValueError.
     """
     steps = _steps_of(problem)
     kinds = applicable_kinds(problem, step_index)
