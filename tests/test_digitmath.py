@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+from arithmetic import value
 from PIL import Image
 
 from dreamr_jax.data import digitmath as dm
@@ -109,11 +110,6 @@ def test_gold_answers_follow_from_the_true_digits(problems):
 _OPERATION_RE = re.compile(r"^\d+ [-+*] \d+( = \d+ [-+] \d+)? = -?\d+\.$")
 
 
-def _evaluate(expression: str) -> int:
-    a, op, b = expression.split(" ")
-    return {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-
-
 def test_operation_steps_are_true_and_split_into_one_digit_operations(problems):
     seen = set()
     for p in problems["train"] + problems["val"]:
@@ -123,10 +119,10 @@ def test_operation_steps_are_true_and_split_into_one_digit_operations(problems):
             assert _OPERATION_RE.match(step), step
             sides = step.rstrip(".").split(" = ")
             result = int(sides[-1])
-            assert _evaluate(sides[0]) == result, step
+            assert value(sides[0]) == result, step
             if len(sides) == 3:  # split: every part operates on a single digit
                 a, op, b = sides[0].split(" ")
-                assert _evaluate(sides[1]) == result, step
+                assert value(sides[1]) == result, step
                 c, op2, d = sides[1].split(" ")
                 if op == "*":
                     assert (op2, int(c), int(d)) == (
@@ -224,7 +220,7 @@ def test_split_operations_also_slip_in_their_middle(problems):
                 assert 1 <= abs(int(result) - int(gold_result)) <= 3
             else:
                 middle += 1
-                assert _evaluate(mid) == int(result), slip  # wrong middle, result follows it
+                assert value(mid) == int(result), slip  # wrong middle, result follows it
                 moved = [
                     abs(int(x) - int(y))
                     for x, y in zip(mid.split()[::2], gold_mid.split()[::2], strict=True)

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from arithmetic import value
 
 from dreamr_jax.config import load_config
 from dreamr_jax.config.schema import PromptConfig
@@ -124,15 +125,6 @@ def test_padded_image_batch_gives_the_same_logits(setup):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def _value(expression: str) -> int:
-    """'54', '300 + 24' or '356 - 7' as a number."""
-    words = expression.split(" ")
-    if len(words) == 1:
-        return int(words[0])
-    a, op, b = words
-    return {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-
-
 def test_arithmetic_drills_are_true_facts_without_images(setup):
     cfg, tokenizer, builder, processor, problems = setup
     data = dataclasses.replace(cfg.data, judge_fraction=0.2, drill_fraction=0.2)
@@ -152,7 +144,7 @@ def test_arithmetic_drills_are_true_facts_without_images(setup):
         assert results.split() == " ".join(f.split(" = ", 1)[1] for f in facts).split()
         for fact in facts:
             # Every side of every "=" has the same value ("54 * 6 = 300 + 24 = 324").
-            values = {_value(side) for side in fact.rstrip(".").split(" = ")}
+            values = {value(side) for side in fact.rstrip(".").split(" = ")}
             assert len(values) == 1, fact
     # A batch of drills only still gets fixed-shape (padding) vision inputs.
     batch = [dataset[i] for i in drills[:2]] + [dataset[0]]

@@ -152,6 +152,18 @@ class Verification:
         parts = (self.tree.logits, self.after)
         return rows_at(self.tree, *self.start, self.starts[indices], parts, indices)
 
+    @functools.cached_property
+    def greedy_tokens(self) -> np.ndarray:
+        """`greedy` on the host, read once per pass."""
+        return np.asarray(self.greedy)
+
+    def agreement(self, steps, j: int) -> int:
+        """How many leading tokens of drafted step j the target, decoding greedily after the
+        same prefix, would have written itself (its choices were computed by this pass)."""
+        start = int(self.starts[j])
+        same = self.greedy_tokens[start : start + len(steps[j])] == np.asarray(steps[j])
+        return len(same) if same.all() else int(np.argmin(same))
+
     def cut(self, tokens: int) -> Session:
         """One row cut back to the first `tokens` chain tokens. Its logits are a placeholder:
         the caller extends it before decoding."""
@@ -338,24 +350,15 @@ class Engine:
             _, d = self.draft.extend(d, [new_step], [[0]])
         return d
 
-    def _agreement(self, v: Verification, steps, j: int) -> tuple[int, np.ndarray]:
-        """How many leading tokens of drafted step j the target, decoding greedily from the
-        same prefix, would have written itself, and its greedy choices `[len(step)]` there
-        (read off the verification pass, which has computed them already)."""
-        start = int(v.starts[j])
-        greedy = np.asarray(v.greedy)[start : start + len(steps[j])]
-        same = greedy == np.asarray(steps[j])
-        return (len(same) if same.all() else int(np.argmin(same))), greedy
-
     def _is_own_step(self, v: Verification, steps, j: int) -> bool:
         """Whether drafted step j is word for word the step the target would write there
         (greedy decoding only)."""
-        return self.sampling.greedy and self._agreement(v, steps, j)[0] == len(steps[j])
+        return self.sampling.greedy and v.agreement(steps, j) == len(steps[j])
 
     def _target_step(self, sol: Solution, v: Verification, steps, kept: int):
         """The target's own step after the first `kept` drafted steps, and its session.
 
-        Greedy, most of it is read off the verification pass (`_agreement`): the target's
+        Greedy, most of it is read off the verification pass (`Verification.agreement`): its
         step starts with the longest prefix of the rejected draft step that agrees with its
         greedy choices, then its own token where they part, and only the rest is decoded, from
         the verification's cache. A wrong draft step usually parts from the target's partway
@@ -367,10 +370,10 @@ class Engine:
             sol.target_calls += 1
             return self._take(tokens, n), t
         draft_step, start = steps[kept], int(v.starts[kept])
-        agree, greedy = self._agreement(v, steps, kept)
+        agree = v.agreement(steps, kept)
         if agree == len(draft_step):
             return list(draft_step), v.at([kept + 1])
-        own = [*draft_step[:agree], int(greedy[agree])]
+        own = [*draft_step[:agree], int(v.greedy_tokens[start + agree])]
         _, t = self.target.extend(v.cut(start + agree), [own[-1:]], [[0]])
         sol.target_calls += 1
         ends = self.target.stop_ids + self.target.eos_ids

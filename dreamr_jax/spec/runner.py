@@ -98,11 +98,22 @@ def extend_tree(
     )
     start = (cache.length, cache.next_position)
     hidden, cache = model.hidden_states(inputs, cache)
-    logits = model.logits(jnp.take_along_axis(hidden, gather[..., None], axis=1))
+    every = model.logits(hidden)  # `[batch, t, vocab]`: the greedy tokens need every position
+    logits = jnp.take_along_axis(every, gather[..., None], axis=1)
     half = gather.shape[1] // 2
-    greedy = jnp.argmax(model.logits(hidden[:, :-1]), axis=-1).astype(jnp.int32)
-    first = jnp.argmax(logits_before, axis=-1).astype(jnp.int32)[:, None]
-    return logits[:, :half], logits[:, half:], jnp.concatenate([first, greedy], 1), cache, start
+    greedy = jnp.argmax(
+        jnp.concatenate([logits_before[:, None].astype(every.dtype), every[:, :-1]], 1), axis=-1
+    )
+    return logits[:, :half], logits[:, half:], greedy.astype(jnp.int32), cache, start
+
+
+def _feed(model, token, active, cache: KVCache, logits):
+    """Feeds one token per row `[batch]` (rows not `active` feed nothing) and returns the cache
+    and the next-token logits `[batch, vocab]` (unchanged for inactive rows)."""
+    feed = jnp.maximum(token, 0)[:, None]
+    positions = _text_positions(active[:, None], cache.next_position)
+    hidden, cache = model.hidden_states(ModelInputs(feed, active[:, None], positions, None), cache)
+    return cache, jnp.where(active[:, None], model.logits(hidden[:, 0]), logits)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9), donate_argnums=3)
@@ -148,13 +159,7 @@ def generate_step(
         if keep_dists:
             scaled = logits if sampling.greedy else filter_logits(logits, sampling)
             log_probs = log_probs.at[:, i].set(jax.nn.log_softmax(scaled, axis=-1))
-        feed = jnp.maximum(token, 0)[:, None]
-        inputs = ModelInputs(
-            feed, active[:, None], _text_positions(active[:, None], cache.next_position), None
-        )
-        hidden, cache = model.hidden_states(inputs, cache)
-        new_logits = model.logits(hidden[:, 0])
-        logits = jnp.where(active[:, None], new_logits, logits)
+        cache, logits = _feed(model, token, active, cache, logits)
         n = n + active
         ended = jnp.isin(token, stop)
         hit_eos = hit_eos | (active & jnp.isin(token, eos))
@@ -216,12 +221,7 @@ def generate_steps(
         key, sub = jax.random.split(key)
         token = jnp.where(active, sample(logits, sub, sampling), -1)
         tokens = tokens.at[rows, n].set(token, mode="drop")
-        feed = jnp.maximum(token, 0)[:, None]
-        inputs = ModelInputs(
-            feed, active[:, None], _text_positions(active[:, None], cache.next_position), None
-        )
-        hidden, cache = model.hidden_states(inputs, cache)
-        logits = jnp.where(active[:, None], model.logits(hidden[:, 0]), logits)
+        cache, logits = _feed(model, token, active, cache, logits)
         n, in_step = n + active, in_step + active
         step_ends = active & (jnp.isin(token, stop) | (in_step >= max_step_tokens))
         # Rows whose step did not end write to an index past the end (dropped).
