@@ -50,8 +50,9 @@ def target_outputs(pair, problems):
         {"mode": "sd"},
         {"mode": "dreamr", "alpha": 1.0},
         {"mode": "dreamr", "alpha": 1.0, "fallback": "eager"},
+        {"mode": "dreamr", "alpha": 1.0, "fallback": "resume"},
     ],
-    ids=["sd", "dreamr-alpha1-lazy", "dreamr-alpha1-eager"],
+    ids=["sd", "dreamr-alpha1-lazy", "dreamr-alpha1-eager", "dreamr-alpha1-resume"],
 )
 def test_greedy_invariants_reproduce_target(pair, problems, target_outputs, spec):
     _, solutions = _solve_all(pair, problems, **spec)
@@ -60,9 +61,10 @@ def test_greedy_invariants_reproduce_target(pair, problems, target_outputs, spec
         assert all(s.accepted == 0 and s.proposed > 0 for s in solutions)
 
 
-@pytest.mark.parametrize("mode", ["dreamr", "specreason", "lookahead", "draft"])
+@pytest.mark.parametrize("mode", ["dreamr", "dreamr-resume", "specreason", "lookahead", "draft"])
 def test_modes_write_well_formed_chains(pair, problems, mode):
-    engine, solutions = _solve_all(pair, problems[:4], mode=mode)
+    mode, _, fallback = mode.partition("-")
+    engine, solutions = _solve_all(pair, problems[:4], mode=mode, fallback=fallback or "lazy")
     for sol in solutions:
         committed = [t for s in sol.steps if s.committed for t in s.tokens]
         assert committed == sol.tokens

@@ -370,7 +370,7 @@ class EvalConfig:
 
 
 MODES = ("target", "draft", "sd", "specreason", "lookahead", "dreamr")
-FALLBACKS = ("lazy", "eager")
+FALLBACKS = ("lazy", "eager", "resume")
 
 
 @dataclass(frozen=True)
@@ -381,7 +381,10 @@ class SpecConfig:
     alpha: float = 0.7  # CPN accepts a step iff p > alpha; alpha >= 1 never accepts
     window: int = 4  # W: draft steps verified together (dreamr, lookahead)
     format_floor: float = 0.05  # s+ + s- below this: the judge ignored the format -> reject
-    fallback: str = "lazy"  # dreamr: target step after a rejection (lazy) or with the checks
+    # dreamr: the target's step after a rejection (lazy), for every position alongside the
+    # checks (eager), or, greedy, only up to its first token that differs from the rejected
+    # step's, the draft writing the rest (resume; sampling decodes the whole step as lazy does)
+    fallback: str = "lazy"
     max_step_tokens: int = 48  # a step is cut here if it has not reached the delimiter
     max_new_tokens: int = 256  # whole chain
     sd_tokens: int = 4  # sd: draft tokens per verification

@@ -16,7 +16,9 @@ Modes:
   accepts the draft step; the target's step replaces the first rejected one (or is a bonus step).
 - `dreamr`: CPN + FPSR: draft W steps, verify all W with one batched CPN pass, commit up to the
   first rejection and the target's step there (computed after the rejection with `lazy`, or for
-  every position alongside the checks with `eager`), roll both caches back, next window.
+  every position alongside the checks with `eager`), roll both caches back, next window. Greedy,
+  `resume` commits the target's step only up to its first token that differs from the rejected
+  step's; the draft's next window starts by finishing that step.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from dreamr_jax.spec.runner import (
     truncate,
 )
 
-BUCKET = 32  # prompts are left-padded to a multiple of this, so few shapes are ever compiled
+# Prompts are left-padded to a multiple of this, so few shapes are ever compiled; prefill is
+# compute-bound, so padding a DigitMath prompt of 33-48 tokens to 64 cost a third of it.
+BUCKET = 16
 
 
 class PromptTooLongError(ValueError):
@@ -52,7 +56,9 @@ class PromptTooLongError(ValueError):
 
 @dataclasses.dataclass
 class StepRecord:
-    """A step the engine wrote or considered. `committed` steps make up the output."""
+    """A step the engine wrote or considered. `committed` steps make up the output. With the
+    `resume` fallback a step can come in two records: the target's part, up to its first token
+    that differs from the rejected draft step, then the draft's continuation."""
 
     text: str
     author: str  # "draft" or "target"
@@ -219,9 +225,10 @@ class Engine:
         # max_new_tokens + max_step_tokens.
         need = -(-prompt_len // BUCKET) * BUCKET + s.max_new_tokens + s.max_step_tokens
         if s.mode not in ("target", "draft"):
-            # Past them: the W judge suffixes of a tree chunk (padded to 16), a target step
-            # after the drafted ones (lookahead, eager fallback), or sd's proposals.
-            need += max(s.window * suffix + 16, s.max_step_tokens, s.sd_tokens + 1)
+            # Past them: the W judge suffixes of a tree chunk and its padding (`chunk_width`:
+            # under 32), a target step after the drafted ones (lookahead, eager fallback), or
+            # sd's proposals.
+            need += max(s.window * suffix + 31, s.max_step_tokens, s.sd_tokens + 1)
         return -(-need // 128) * 128
 
     def _key(self, step: int):
@@ -355,14 +362,16 @@ class Engine:
         (greedy decoding only)."""
         return self.sampling.greedy and v.agreement(steps, j) == len(steps[j])
 
-    def _target_step(self, sol: Solution, v: Verification, steps, kept: int):
+    def _target_step(self, sol: Solution, v: Verification, steps, kept: int, resume=False):
         """The target's own step after the first `kept` drafted steps, and its session.
 
         Greedy, most of it is read off the verification pass (`Verification.agreement`): its
         step starts with the longest prefix of the rejected draft step that agrees with its
         greedy choices, then its own token where they part, and only the rest is decoded, from
         the verification's cache. A wrong draft step usually parts from the target's partway
-        through (`62 + 15 = 92 + 5`), so about half of it is read off.
+        through (`62 + 15 = 92 + 5`), so about half of it is read off. With `resume` it stops
+        at the target's own token: the draft writes the rest of the step in the next window,
+        which the target verifies like any drafted step.
         Sampling decodes the whole step."""
         key, cap = self._key(len(sol.tokens) + 1), self.spec.max_step_tokens
         if not self.sampling.greedy:
@@ -377,7 +386,7 @@ class Engine:
         _, t = self.target.extend(v.cut(start + agree), [own[-1:]], [[0]])
         sol.target_calls += 1
         ends = self.target.stop_ids + self.target.eos_ids
-        if own[-1] in ends or len(own) >= cap:
+        if resume or own[-1] in ends or len(own) >= cap:
             return own, t
         tokens, n, _, _, t = self.target.step(t, key, cap, self.sampling, limit=cap - len(own))
         sol.target_calls += 1
@@ -386,7 +395,8 @@ class Engine:
     def _target_takes_over(self, sol: Solution, v: Verification, d: Session, steps, marks, kept):
         """The target writes the step after the first `kept` drafted steps (`_target_step`);
         it is committed and the draft resynchronised. Returns (target, draft) sessions."""
-        new_step, t = self._target_step(sol, v, steps, kept)
+        resume = self.spec.mode == "dreamr" and self.spec.fallback == "resume"
+        new_step, t = self._target_step(sol, v, steps, kept, resume)
         self._commit(sol, new_step, "target")
         return t, self._resync_draft(d, steps, marks, kept, new_step)
 
