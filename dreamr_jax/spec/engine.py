@@ -141,7 +141,8 @@ class Verification:
 
     verdict_logits: `[max(W, k), vocab]` last-position logits of each judge query (rows past k
     are padding). greedy: `[width]`, the target's greedy token before each chunk token.
-    starts: `[k + 1]`, where each step starts in the chunk, then where the chain ends.
+    starts: `[k + 1]`, where each step starts in the chunk (after a pending token,
+    `Engine._verify`), then where the chain ends.
     """
 
     verdict_logits: jax.Array
@@ -172,7 +173,8 @@ class Verification:
 
     def cut(self, tokens: int) -> Session:
         """One row cut back to the first `tokens` chain tokens. Its logits are a placeholder:
-        the caller extends it before decoding."""
+        the caller extends it before decoding, or feeds a pending token at the head of the next
+        verification pass (whose greedy choice before that token is then never read)."""
         return rows_at(self.tree, *self.start, [tokens], (self.tree.logits,), [0])
 
 
@@ -228,8 +230,14 @@ class Engine:
             # Past them: the W judge suffixes of a tree chunk and its padding (`chunk_width`:
             # under 32), a target step after the drafted ones (lookahead, eager fallback), or
             # sd's proposals.
-            need += max(s.window * suffix + 31, s.max_step_tokens, s.sd_tokens + 1)
+            need += max(self._most_steps * suffix + 31, s.max_step_tokens, s.sd_tokens + 1)
         return -(-need // 128) * 128
+
+    @property
+    def _most_steps(self) -> int:
+        """Steps a verification pass can hold: W, and with `resume` the end of a step the
+        target began (it does not count towards W, so windows still cover W whole steps)."""
+        return self.spec.window + (self.spec.fallback == "resume")
 
     def _key(self, step: int):
         return jax.random.key(self.seed * 1_000_003 + step)
@@ -269,7 +277,7 @@ class Engine:
         max_len = self.max_len(len(ids))
         score = self.spec.mode == "specreason"
         suffix = self.builder.score_suffix_ids if score else self.builder.judge_suffix_ids
-        window = 1 if score else self.spec.window
+        window = 1 if score else self._most_steps
         longest = chunk_width(window * (self.spec.max_step_tokens + len(suffix)))
         filler = self.builder.judge_suffix_ids[0]
         for width in sorted({chunk_width(n) for n in range(1, longest + 1)}):
@@ -291,10 +299,11 @@ class Engine:
             _, d = self.draft.extend(d, [[filler] * width], [[0]])
             jax.block_until_ready(truncate(d, 1, d.logits).cache.length)  # a rejected draft
             width *= 2
-        _, marks, _ = self._draft_window(
-            self.draft.start(inputs, max_len), Solution([], []), window
-        )
-        jax.block_until_ready(_mark(marks, np.int32(0)))  # the logits a rollback returns to
+        for limit in sorted({self.spec.window, window}):
+            _, marks, _ = self._draft_window(
+                self.draft.start(inputs, max_len), Solution([], []), limit
+            )
+            jax.block_until_ready(_mark(marks, np.int32(0)))  # where a rollback returns to
 
     def _done(self, tokens: list[int]) -> bool:
         return bool(tokens) and (tokens[-1] in self.eos or len(tokens) >= self.spec.max_new_tokens)
@@ -325,13 +334,19 @@ class Engine:
         key = self._key(len(sol.tokens) + 7919)
         return self.draft.steps(d, key, budget, limit, self.spec.max_step_tokens, self.sampling)
 
-    def _verify(self, t: Session, steps: list[list[int]], suffix_ids=None) -> Verification:
+    def _verify(
+        self, t: Session, steps: list[list[int]], suffix_ids=None, pending: int | None = None
+    ) -> Verification:
         """Judge queries for every drafted step in one tree-shaped pass over the target's
-        session (donated)."""
+        session (donated). `pending`: a committed token not yet in the target's cache (the
+        last of a `resume` fallback), fed at the head of the chain; the first step's judge
+        query sees it, and `starts` count it."""
         suffix = list(self.builder.judge_suffix_ids if suffix_ids is None else suffix_ids)
-        slots = max(self.spec.window, len(steps))
-        after, verdict, greedy, ends, tree, start = self.target.verify_tree(t, steps, suffix, slots)
-        return Verification(verdict, greedy, np.concatenate([[0], ends]), tree, start, after)
+        slots = max(self._most_steps, len(steps))
+        chain = steps if pending is None else [[pending, *steps[0]], *steps[1:]]
+        after, verdict, greedy, ends, tree, start = self.target.verify_tree(t, chain, suffix, slots)
+        starts = np.concatenate([[0 if pending is None else 1], ends])
+        return Verification(verdict, greedy, starts, tree, start, after)
 
     @staticmethod
     def _rows(indices, at_least: int) -> list[int]:
@@ -363,7 +378,8 @@ class Engine:
         return self.sampling.greedy and v.agreement(steps, j) == len(steps[j])
 
     def _target_step(self, sol: Solution, v: Verification, steps, kept: int, resume=False):
-        """The target's own step after the first `kept` drafted steps, and its session.
+        """The target's own step after the first `kept` drafted steps, its session, and the
+        step's last token if the session does not hold it yet (`resume`), else None.
 
         Greedy, most of it is read off the verification pass (`Verification.agreement`): its
         step starts with the longest prefix of the rejected draft step that agrees with its
@@ -371,44 +387,50 @@ class Engine:
         the verification's cache. A wrong draft step usually parts from the target's partway
         through (`62 + 15 = 92 + 5`), so about half of it is read off. With `resume` it stops
         at the target's own token: the draft writes the rest of the step in the next window,
-        which the target verifies like any drafted step.
+        which the target verifies like any drafted step, feeding that token (pending) first
+        in the same pass.
         Sampling decodes the whole step."""
         key, cap = self._key(len(sol.tokens) + 1), self.spec.max_step_tokens
         if not self.sampling.greedy:
             tokens, n, _, _, t = self.target.step(v.at([kept]), key, cap, self.sampling)
             sol.target_calls += 1
-            return self._take(tokens, n), t
+            return self._take(tokens, n), t, None
         draft_step, start = steps[kept], int(v.starts[kept])
         agree = v.agreement(steps, kept)
         if agree == len(draft_step):
-            return list(draft_step), v.at([kept + 1])
+            return list(draft_step), v.at([kept + 1]), None
         own = [*draft_step[:agree], int(v.greedy_tokens[start + agree])]
+        ends = self.target.stop_ids + self.target.eos_ids
+        if resume and own[-1] not in ends and len(own) < cap:
+            return own, v.cut(start + agree), own[-1]
         _, t = self.target.extend(v.cut(start + agree), [own[-1:]], [[0]])
         sol.target_calls += 1
-        ends = self.target.stop_ids + self.target.eos_ids
-        if resume or own[-1] in ends or len(own) >= cap:
-            return own, t
+        if own[-1] in ends or len(own) >= cap:
+            return own, t, None
         tokens, n, _, _, t = self.target.step(t, key, cap, self.sampling, limit=cap - len(own))
         sol.target_calls += 1
-        return own + self._take(tokens, n), t
+        return own + self._take(tokens, n), t, None
 
     def _target_takes_over(self, sol: Solution, v: Verification, d: Session, steps, marks, kept):
         """The target writes the step after the first `kept` drafted steps (`_target_step`);
-        it is committed and the draft resynchronised. Returns (target, draft) sessions."""
+        it is committed and the draft resynchronised. Returns the target and draft sessions and
+        the token pending for the target (`_target_step`)."""
         resume = self.spec.mode == "dreamr" and self.spec.fallback == "resume"
-        new_step, t = self._target_step(sol, v, steps, kept, resume)
+        new_step, t, pending = self._target_step(sol, v, steps, kept, resume)
         self._commit(sol, new_step, "target")
-        return t, self._resync_draft(d, steps, marks, kept, new_step)
+        return t, self._resync_draft(d, steps, marks, kept, new_step), pending
 
     def _dreamr(self, t: Session, d: Session) -> Solution:
         sol = Solution([], [])
         eager = self.spec.fallback == "eager"
+        pending = None  # the last token of a `resume` fallback, not yet in the target's cache
         while not self._done(sol.tokens):
-            steps, marks, d = self._draft_window(d, sol, self.spec.window)
+            limit = self.spec.window + (pending is not None)
+            steps, marks, d = self._draft_window(d, sol, limit)
             if not steps:
                 break
             k = len(steps)
-            v = self._verify(t, steps)
+            v, pending = self._verify(t, steps, pending=pending), None
             verdicts = self._cpn(v.verdict_logits)
             sol.target_calls += 1
             if eager:  # the target's step at every position, dispatched before any verdict
@@ -443,7 +465,7 @@ class Engine:
                 t = v.at([k])
                 continue
             if not eager:
-                t, d = self._target_takes_over(sol, v, d, steps, marks, kept)
+                t, d, pending = self._target_takes_over(sol, v, d, steps, marks, kept)
                 continue
             tokens, n, _, _, batch = fallback
             new_step = self._take(tokens, n, kept)
@@ -470,7 +492,7 @@ class Engine:
                 t = v.at([1])
                 continue
             sol.steps.append(StepRecord(self.decode(step), "draft", step, score / 9, False, False))
-            t, d = self._target_takes_over(sol, v, d, steps, marks, 0)
+            t, d, _ = self._target_takes_over(sol, v, d, steps, marks, 0)
         return sol
 
     def _lookahead(self, t: Session, d: Session) -> Solution:
