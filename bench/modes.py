@@ -2,7 +2,7 @@
 process: accuracy, mean latency, speedup over `target`, acceptance, accepted steps per target call;
 then `dreamr` against alpha, and the CPN p of accepted vs rejected draft steps.
 
-    python bench/modes.py [--problems 200] [--out docs/modes] [--alphas 0.5,0.6,0.7,0.8,0.9]
+    python bench/modes.py [--problems 200] [--out docs/modes] [--alphas 0.5,0.6,0.7,0.8,0.9,1.0]
                           [--target checkpoints/digitmath/target] [--draft ...] [--no-hf]
 
 Problems are interleaved across configurations (problem i runs in every configuration before
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from dreamr_jax.config.schema import PromptConfig, SpecConfig
+from dreamr_jax.config.schema import FALLBACKS, PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
 from dreamr_jax.serve.batch import warm_up
@@ -68,7 +68,8 @@ def hf_runner(path: str, engine: Engine):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=int, default=200)
-    parser.add_argument("--alphas", default="0.5,0.6,0.7,0.8,0.9")
+    # alpha 1 accepts nothing: dreamr then writes exactly the target's greedy tokens
+    parser.add_argument("--alphas", default="0.5,0.6,0.7,0.8,0.9,1.0")
     parser.add_argument("--target", default=str(DEFAULT_TARGET))
     parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
     parser.add_argument("--out", default="docs/modes")
@@ -85,8 +86,12 @@ def main() -> None:
         "specreason": dataclasses.replace(base, mode="specreason"),
         "lookahead": dataclasses.replace(base, mode="lookahead"),
         "dreamr": dataclasses.replace(base, mode="dreamr"),
-        "dreamr eager": dataclasses.replace(base, mode="dreamr", fallback="eager"),
     }
+    for fallback in FALLBACKS:
+        if fallback != base.fallback:
+            configs[f"dreamr {fallback}"] = dataclasses.replace(
+                base, mode="dreamr", fallback=fallback
+            )
     alphas = [float(a) for a in args.alphas.split(",")]
     for alpha in alphas:
         if alpha != base.alpha:

@@ -48,7 +48,7 @@ def target_outputs(pair, problems):
     "spec",
     [
         {"mode": "sd"},
-        {"mode": "dreamr", "alpha": 1.0},
+        {"mode": "dreamr", "alpha": 1.0, "fallback": "lazy"},
         {"mode": "dreamr", "alpha": 1.0, "fallback": "eager"},
         {"mode": "dreamr", "alpha": 1.0, "fallback": "resume"},
     ],

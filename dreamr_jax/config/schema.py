@@ -384,7 +384,7 @@ class SpecConfig:
     # dreamr: the target's step after a rejection (lazy), for every position alongside the
     # checks (eager), or, greedy, only up to its first token that differs from the rejected
     # step's, the draft writing the rest (resume; sampling decodes the whole step as lazy does)
-    fallback: str = "lazy"
+    fallback: str = "resume"
     max_step_tokens: int = 48  # a step is cut here if it has not reached the delimiter
     max_new_tokens: int = 256  # whole chain
     sd_tokens: int = 4  # sd: draft tokens per verification

@@ -430,8 +430,11 @@ class Engine:
             if not steps:
                 break
             k = len(steps)
-            v, pending = self._verify(t, steps, pending=pending), None
-            verdicts = self._cpn(v.verdict_logits)
+            # alpha >= 1 accepts nothing, so the pass asks no judge queries: it only computes
+            # the target's greedy tokens, which commit the steps it would write itself.
+            judged = self.spec.alpha < 1
+            suffix = None if judged else []
+            v, pending = self._verify(t, steps, suffix, pending=pending), None
             sol.target_calls += 1
             if eager:  # the target's step at every position, dispatched before any verdict
                 # (always W rows, so one program serves every window)
@@ -442,18 +445,21 @@ class Engine:
                     self.sampling,
                 )
                 sol.target_calls += 1
-            ok, p = np.asarray(verdicts.accept)[:k], np.asarray(verdicts.p)[:k]
-            sol.format_misses += int(np.sum(~np.asarray(verdicts.format_ok)[:k]))
+            ok, p = np.zeros(k, bool), [None] * k
+            if judged:
+                verdicts = self._cpn(v.verdict_logits)
+                ok, p = np.asarray(verdicts.accept)[:k], np.asarray(verdicts.p)[:k].tolist()
+                sol.format_misses += int(np.sum(~np.asarray(verdicts.format_ok)[:k]))
             sol.proposed += k
             kept = 0
             while kept < k:
                 step = steps[kept]
                 if ok[kept]:
                     sol.accepted += 1
-                    self._commit(sol, step, "draft", p=float(p[kept]), accepted=True)
+                    self._commit(sol, step, "draft", p=p[kept], accepted=True)
                 else:
                     text = self.decode(step)
-                    sol.steps.append(StepRecord(text, "draft", step, float(p[kept]), False, False))
+                    sol.steps.append(StepRecord(text, "draft", step, p[kept], False, False))
                     # A rejected step that is word for word the target's own step there is
                     # what the fallback would commit; the later steps were drafted and judged
                     # after exactly it, so the window goes on.
