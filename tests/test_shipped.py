@@ -1,0 +1,87 @@
+"""The shipped DigitMath pair: it loads (ours and transformers'), answers a fixed test problem,
+and the engine's exactness invariants hold on it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen3VLForConditionalGeneration
+
+from dreamr_jax.config.schema import FALLBACKS, PromptConfig, SpecConfig
+from dreamr_jax.data import digitmath
+from dreamr_jax.data.sft import problem_image
+from dreamr_jax.models.processor import process_images
+from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET, load_checkpoint
+from dreamr_jax.spec.engine import Engine
+from dreamr_jax.train.evaluate import greedy_solve
+
+FIXED_PROBLEM = 2  # test-00002 (row_sum): the first test problem the draft also gets right
+
+
+@pytest.mark.parametrize("path", [DEFAULT_TARGET, DEFAULT_DRAFT], ids=["target", "draft"])
+def test_shipped_model_answers_a_fixed_problem(path):
+    loaded = load_checkpoint(path, PromptConfig())
+    problem = digitmath.generate_problems("test", FIXED_PROBLEM + 1, 0)[FIXED_PROBLEM]
+    [result] = greedy_solve(
+        loaded.model,
+        loaded.builder,
+        loaded.processor,
+        [problem],
+        batch_size=1,
+        max_new_tokens=160,
+        progress=False,
+    )
+    assert result["correct"], result["output"]
+    assert result["output"] == problem.reasoning
+
+
+def test_shipped_target_in_transformers_has_our_logits():
+    loaded = load_checkpoint(DEFAULT_TARGET, PromptConfig())
+    problem = digitmath.generate_problems("test", 1, 0)[0]
+    pixel_values, grid = process_images(loaded.processor, [problem_image(problem)])
+    ids = loaded.builder.prompt_ids(problem.question, [grid[0].tolist()])
+    ids = np.asarray([ids + loaded.builder.steps_ids(problem.steps, complete=True)])
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(
+        str(DEFAULT_TARGET), attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        input_ids = torch.from_numpy(ids.astype(np.int64))
+        want = hf(
+            input_ids=input_ids,
+            mm_token_type_ids=(input_ids == loaded.model.config.image_token_id).long(),
+            pixel_values=torch.from_numpy(pixel_values),
+            image_grid_thw=torch.from_numpy(grid),
+        ).logits.numpy()
+    got = np.asarray(loaded.model(ids, None, pixel_values, grid))
+    assert np.max(np.abs(got - want)) < 1e-4
+
+
+N_INVARIANT = 50
+
+
+@pytest.fixture(scope="module")
+def shipped_pair():
+    prompt = PromptConfig()
+    return load_checkpoint(DEFAULT_TARGET, prompt), load_checkpoint(DEFAULT_DRAFT, prompt)
+
+
+def _outputs(pair, problems, **spec):
+    engine = Engine(*pair, dataclasses.replace(SpecConfig(), **spec))
+    return [engine.solve(p.question, [problem_image(p)]) for p in problems]
+
+
+def test_shipped_pair_sd_and_dreamr_alpha1_reproduce_target(shipped_pair):
+    """DESIGN.md section 2's invariants on the real pair: greedy sd, and dreamr with a judge that
+    accepts nothing (alpha = 1, every fallback), write exactly the target's tokens on 50 test
+    problems."""
+    problems = digitmath.generate_problems("test", N_INVARIANT, 0)
+    want = [s.tokens for s in _outputs(shipped_pair, problems, mode="target")]
+    sd = _outputs(shipped_pair, problems, mode="sd")
+    assert [s.tokens for s in sd] == want
+    assert sum(s.accepted for s in sd) > 0  # the draft's tokens really were used
+    for fallback in FALLBACKS:
+        dreamr = _outputs(shipped_pair, problems, mode="dreamr", alpha=1.0, fallback=fallback)
+        assert [s.tokens for s in dreamr] == want, fallback
