@@ -7,8 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
-from transformers import Qwen3VLForConditionalGeneration
+from hf_reference import TOL, Prompt, hf_logits, load_hf, max_abs, our_logits
 
 from dreamr_jax.config.schema import FALLBACKS, PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
@@ -44,19 +43,9 @@ def test_shipped_target_in_transformers_has_our_logits():
     pixel_values, grid = process_images(loaded.processor, [problem_image(problem)])
     ids = loaded.builder.prompt_ids(problem.question, [grid[0].tolist()])
     ids = np.asarray([ids + loaded.builder.steps_ids(problem.steps, complete=True)])
-    hf = Qwen3VLForConditionalGeneration.from_pretrained(
-        str(DEFAULT_TARGET), attn_implementation="eager", dtype=torch.float32
-    ).eval()
-    with torch.no_grad():
-        input_ids = torch.from_numpy(ids.astype(np.int64))
-        want = hf(
-            input_ids=input_ids,
-            mm_token_type_ids=(input_ids == loaded.model.config.image_token_id).long(),
-            pixel_values=torch.from_numpy(pixel_values),
-            image_grid_thw=torch.from_numpy(grid),
-        ).logits.numpy()
-    got = np.asarray(loaded.model(ids, None, pixel_values, grid))
-    assert np.max(np.abs(got - want)) < 1e-4
+    prompt = Prompt(ids, np.ones_like(ids, bool), pixel_values, grid)
+    want = hf_logits(load_hf(str(DEFAULT_TARGET)), loaded.model.config, prompt)
+    assert max_abs(our_logits(loaded.model, prompt), want) < TOL
 
 
 N_INVARIANT = 50

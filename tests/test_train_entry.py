@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration
+from hf_reference import TOL, Prompt, hf_logits, load_hf, max_abs, our_logits
+from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
 import train
 from dreamr_jax.config import load_config
@@ -18,8 +18,6 @@ from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.data.sft import problem_image
 from dreamr_jax.models.hf_io import load_pretrained
 from dreamr_jax.models.processor import make_image_processor, process_images
-
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +87,5 @@ def test_export_loads_in_transformers_with_equal_logits(run):
     ids = builder.prompt_ids(problem.question, [grid[0].tolist()])
     ids += builder.steps_ids(problem.steps[:2], complete=False)
     ids = np.asarray([ids])
-
-    hf = Qwen3VLForConditionalGeneration.from_pretrained(
-        path, attn_implementation="eager", dtype=torch.float32
-    ).eval()
-    with torch.no_grad():
-        input_ids = torch.from_numpy(ids.astype(np.int64))
-        want = hf(
-            input_ids=input_ids,
-            mm_token_type_ids=(input_ids == ours.config.image_token_id).long(),
-            pixel_values=torch.from_numpy(pixel_values),
-            image_grid_thw=torch.from_numpy(grid),
-        ).logits.numpy()
-    got = np.asarray(ours(ids, None, pixel_values, grid))
-    assert np.max(np.abs(got - want)) < TOL
+    prompt = Prompt(ids, np.ones_like(ids, bool), pixel_values, grid)
+    assert max_abs(our_logits(ours, prompt), hf_logits(load_hf(path), ours.config, prompt)) < TOL

@@ -234,10 +234,15 @@ class Engine:
         return -(-need // 128) * 128
 
     @property
+    def _resumes(self) -> bool:
+        """Whether a rejection leaves the rest of the target's step to the draft (`resume`)."""
+        return self.spec.mode == "dreamr" and self.spec.fallback == "resume"
+
+    @property
     def _most_steps(self) -> int:
         """Steps a verification pass can hold: W, and with `resume` the end of a step the
         target began (it does not count towards W, so windows still cover W whole steps)."""
-        return self.spec.window + (self.spec.fallback == "resume")
+        return self.spec.window + self._resumes
 
     def _key(self, step: int):
         return jax.random.key(self.seed * 1_000_003 + step)
@@ -299,7 +304,7 @@ class Engine:
             _, d = self.draft.extend(d, [[filler] * width], [[0]])
             jax.block_until_ready(truncate(d, 1, d.logits).cache.length)  # a rejected draft
             width *= 2
-        for limit in sorted({self.spec.window, window}):
+        for limit in sorted({window, window - self._resumes}):
             _, marks, _ = self._draft_window(
                 self.draft.start(inputs, max_len), Solution([], []), limit
             )
@@ -415,14 +420,17 @@ class Engine:
         """The target writes the step after the first `kept` drafted steps (`_target_step`);
         it is committed and the draft resynchronised. Returns the target and draft sessions and
         the token pending for the target (`_target_step`)."""
-        resume = self.spec.mode == "dreamr" and self.spec.fallback == "resume"
-        new_step, t, pending = self._target_step(sol, v, steps, kept, resume)
+        new_step, t, pending = self._target_step(sol, v, steps, kept, self._resumes)
         self._commit(sol, new_step, "target")
         return t, self._resync_draft(d, steps, marks, kept, new_step), pending
 
     def _dreamr(self, t: Session, d: Session) -> Solution:
         sol = Solution([], [])
         eager = self.spec.fallback == "eager"
+        # alpha >= 1 accepts nothing, so the passes ask no judge queries: they only compute the
+        # target's greedy tokens, which commit the steps it would write itself.
+        judged = self.spec.alpha < 1
+        suffix = None if judged else []
         pending = None  # the last token of a `resume` fallback, not yet in the target's cache
         while not self._done(sol.tokens):
             limit = self.spec.window + (pending is not None)
@@ -430,10 +438,6 @@ class Engine:
             if not steps:
                 break
             k = len(steps)
-            # alpha >= 1 accepts nothing, so the pass asks no judge queries: it only computes
-            # the target's greedy tokens, which commit the steps it would write itself.
-            judged = self.spec.alpha < 1
-            suffix = None if judged else []
             v, pending = self._verify(t, steps, suffix, pending=pending), None
             sol.target_calls += 1
             if eager:  # the target's step at every position, dispatched before any verdict
