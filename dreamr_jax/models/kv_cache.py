@@ -14,7 +14,8 @@ from dreamr_jax.config.schema import TextConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """k, v: `[layers, batch, max_len, kv_heads, head_dim]`.
+    """k, v: `[layers, batch, kv_heads, max_len, head_dim]`, the layout `cached_attention` reads
+    in place.
 
     valid: `[batch, max_len]` bool, slot holds a real token (False for left padding).
     length: `[batch]` int32, slots in use; the next token of row b goes to slot `length[b]`.
@@ -29,11 +30,11 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),

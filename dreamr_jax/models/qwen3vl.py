@@ -19,7 +19,7 @@ from dreamr_jax.models.inputs import ModelInputs, prepare_inputs, prepare_vision
 from dreamr_jax.models.kv_cache import KVCache, write_rows
 from dreamr_jax.models.layers import Linear
 from dreamr_jax.models.rope import text_rope
-from dreamr_jax.models.text import TextModel
+from dreamr_jax.models.text import TextModel, attention, cached_attention
 from dreamr_jax.models.vision import VisionModel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -104,18 +104,23 @@ class Qwen3VL(nnx.Module):
 
         for i, layer in enumerate(text.layers):
             if cache is None:
-                kv_fn = lambda k, v: (k, v, mask)  # noqa: B023 (used inside this iteration)
+
+                def attend(q, k, v):
+                    return attention(q, k, v, mask)  # noqa: B023 (used inside this iteration)
+
             else:
 
-                def kv_fn(k, v, i=i):
+                def attend(q, k, v, i=i):
                     # One scatter into the stacked (donated) cache: XLA updates it in place,
                     # where slicing out layer i and writing it back copied the whole layer.
+                    # (Indices split by a slice: the update is `[batch, t, kv_heads, head_dim]`.)
                     nonlocal new_k, new_v
-                    new_k = new_k.at[i, rows, query_slot].set(k.astype(new_k.dtype), mode="drop")
-                    new_v = new_v.at[i, rows, query_slot].set(v.astype(new_v.dtype), mode="drop")
-                    return new_k[i], new_v[i], mask
+                    at = (i, rows, slice(None), query_slot)
+                    new_k = new_k.at[at].set(k.astype(new_k.dtype), mode="drop")
+                    new_v = new_v.at[at].set(v.astype(new_v.dtype), mode="drop")
+                    return cached_attention(q, new_k[i], new_v[i], mask)
 
-            x = layer(x, cos, sin, kv_fn)
+            x = layer(x, cos, sin, attend)
             if deepstack is not None and i < deepstack.shape[0]:
                 feature = deepstack[i][gather].astype(x.dtype)
                 x = x + jnp.where(is_image[..., None], feature, 0)

@@ -29,6 +29,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, h * d)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attention` over a KV cache: k/v `[batch, kv_heads, slots, head_dim]` (the cache's layout).
+
+    The cache is the left operand of the scores product and the right one of the output
+    product, the operand layouts XLA's CPU matmul takes as they are. Written as `attention`'s
+    einsums, XLA transposed a copy of every layer's keys and values for every decoded token:
+    work that grew with the cache's slots and was most of a small model's decode time.
+    """
+    b, t, h, d = q.shape
+    kvh, slots = k.shape[1], k.shape[2]
+    g = h // kvh
+    rows = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+    scores = jnp.matmul(k, rows.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    scores = scores.swapaxes(-1, -2).reshape(b, kvh, g, t, slots) * d**-0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.matmul(probs.reshape(b, kvh, g * t, slots), v)  # [batch, kv_heads, g * t, d]
+    return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
+
+
 class TextAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -69,17 +89,17 @@ class TextAttention(nnx.Module):
         self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, axes=("head_dim",))
         self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype, axes=("head_dim",))
 
-    def __call__(self, x, cos, sin, kv_fn):
-        """x `[batch, t, hidden]`; `kv_fn(k, v) -> (keys, values, mask)` places the new keys in
-        their context (the cache, or just this sequence)."""
+    def __call__(self, x, cos, sin, attend):
+        """x `[batch, t, hidden]`; `attend(q, k, v) -> [batch, t, heads * head_dim]` attends the
+        queries to the new keys and values in their context (the cache, or just this sequence).
+        """
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_norm(self.q_proj(x).reshape(b, t, -1, hd))
         k = self.k_norm(self.k_proj(x).reshape(b, t, -1, hd))
         v = self.v_proj(x).reshape(b, t, -1, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values, mask = kv_fn(k, v)
-        return self.o_proj(attention(q, keys, values, mask))
+        return self.o_proj(attend(q, k, v))
 
 
 class TextMLP(nnx.Module):
@@ -100,8 +120,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = TextMLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, kv_fn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_fn)
+    def __call__(self, x, cos, sin, attend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
