@@ -421,10 +421,3 @@ def test_custom_root_class_with_optionals_and_nesting(tmp_path):
 def test_custom_root_class_errors(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override], cls=_Root)
-
-
-def test_packed_drills_need_rows_with_a_tree_layout():
-    with pytest.raises(ConfigError, match=r"data\.pack_drills.*judge_branches"):
-        load_config("configs/digitmath/base.yaml", ["data.pack_drills=true"])
-    cfg = load_config("configs/digitmath/target.yaml", ["data.pack_drills=true"])
-    assert cfg.data.pack_drills and cfg.data.judge_branches

@@ -218,18 +218,21 @@ def test_packed_judge_branches_equal_separate_examples(setup):
     assert checked >= 6
 
 
-def test_packed_drills_fill_the_row_and_equal_stand_alone_drills(setup):
-    """Drill facts packed after a chain and its judge branches are a sequence of their own:
-    their logits are those of the same facts as a stand-alone drill row, and the chain and the
-    verdicts before them are untouched."""
+@pytest.mark.parametrize("branches", [2, 0])
+def test_packed_drills_fill_the_row_and_equal_stand_alone_drills(setup, branches):
+    """Drill facts packed after a chain (and its judge branches, if any: the draft packs them
+    with none) are a sequence of their own: their logits are those of the same facts as a
+    stand-alone drill row, and the chain and the verdicts before them are untouched."""
     cfg, _, builder, processor, problems = setup
     data = dataclasses.replace(
-        cfg.data, judge_branches=2, seq_len=240, count_drill_fraction=0.3, pack_drills=True
+        cfg.data, judge_branches=branches, seq_len=240, count_drill_fraction=0.3, pack_drills=True
     )
     model = init_model(cfg.model, seed=0)
     examples = SFTExampleBuilder(problems, builder, processor, data)
-    plans = plan_examples(problems[:4], 0.0, 0, 0.25, 0.0, judge_branches=2, pack_drills=True)
-    unpacked = plan_examples(problems[:4], 0.0, 0, 0.25, 0.0, judge_branches=2)
+    plans = plan_examples(
+        problems[:4], 0.0, 0, 0.25, 0.0, judge_branches=branches, pack_drills=True
+    )
+    unpacked = plan_examples(problems[:4], 0.0, 0, 0.25, 0.0, judge_branches=branches)
     # Packing adds the fill and leaves every other draw of the plan as it was.
     assert [dataclasses.replace(p, fill_seed=None) for p in plans] == unpacked
     assert len({p.fill_seed for p in plans}) == len(plans)

@@ -294,7 +294,7 @@ class DataConfig:
     # Judge queries packed as tree branches after each chain (several verdicts per example)
     judge_branches: int = 0
     # Fill the room a reasoning example leaves in its row with drill facts, as one more branch
-    # that sees only itself (needs judge_branches: the rows carry the tree layout)
+    # that sees only itself (the rows then carry the tree layout)
     pack_drills: bool = False
     # Judge negatives from a draft checkpoint folder: its greedy chain on each of the first
     # `draft_mistake_problems` train problems, where it first leaves the gold chain, is the
@@ -336,8 +336,6 @@ class DataConfig:
             _fail(f"{prefix}.content_error_weight", "must be positive")
         if self.judge_branches < 0:
             _fail(f"{prefix}.judge_branches", f"must be >= 0, got {self.judge_branches}")
-        if self.pack_drills and not self.judge_branches:
-            _fail(f"{prefix}.pack_drills", "needs judge_branches > 0 (rows with a tree layout)")
         if not 0 <= self.draft_mistake_problems <= self.train_problems:
             _fail(
                 f"{prefix}.draft_mistake_problems",

@@ -342,7 +342,7 @@ class SFTExampleBuilder:
             "num_patches": np.asarray(len(pixel_values), np.int32),
             "image_grid_thw": grid.astype(np.int64),
         }
-        if self.data.judge_branches:  # every example of such a run carries its tree layout
+        if self.data.judge_branches or self.data.pack_drills:  # every row has the tree layout
             out["branch"] = np.zeros(seq_len, np.int32)
             out["branch"][:n] = branch
             out["visible"] = np.arange(1, seq_len + 1, dtype=np.int32)
