@@ -22,7 +22,7 @@ from hf_reference import (
 from dreamr_jax.models.generate import generate
 from dreamr_jax.models.hf_io import load_pretrained
 from dreamr_jax.models.sampling import Sampling
-from dreamr_jax.models.text import attention, cached_attention
+from dreamr_jax.models.text import attention
 
 NEW_TOKENS = 32
 
@@ -127,18 +127,24 @@ def test_top_k_1_is_greedy(ref, batch, greedy_batch):
 
 
 @pytest.mark.parametrize("t", [1, 5])
-def test_cached_attention_equals_attention(t):
-    """The cache-layout attention (k/v `[batch, kv_heads, slots, head_dim]`, the cache on the
-    matmuls' canonical sides) is `attention` over the same keys in sequence layout: grouped
-    queries, a decode step (t = 1) and a chunk, masked slots in between."""
+def test_attention_over_the_cache_layout_equals_a_numpy_reference(t):
+    """`attention` reads k/v in the KV cache's layout `[batch, kv_heads, slots, head_dim]` (the
+    cache on the matmuls' canonical sides): grouped queries, a decode step (t = 1) and a chunk,
+    masked slots in between, against a plain NumPy softmax over the same keys."""
     b, heads, kv_heads, d, slots = 2, 4, 2, 8, 12
     rng = np.random.default_rng(t)
     q = rng.standard_normal((b, t, heads, d)).astype(np.float32)
-    k = rng.standard_normal((b, slots, kv_heads, d)).astype(np.float32)
-    v = rng.standard_normal((b, slots, kv_heads, d)).astype(np.float32)
+    k = rng.standard_normal((b, kv_heads, slots, d)).astype(np.float32)
+    v = rng.standard_normal((b, kv_heads, slots, d)).astype(np.float32)
     mask = rng.random((b, t, slots)) < 0.7
     mask[..., 0] = True  # every query sees something
-    want = attention(q, k, v, mask)
-    got = cached_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
-    assert got.shape == (b, t, heads * d)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    group = heads // kv_heads
+    want = np.zeros((b, t, heads, d), np.float32)
+    for h in range(heads):
+        scores = np.einsum("btd,bsd->bts", q[:, :, h], k[:, h // group]) / np.sqrt(d)
+        scores = np.where(mask, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        want[:, :, h] = np.einsum("bts,bsd->btd", probs, v[:, h // group])
+    got = np.asarray(attention(q, k, v, mask))
+    np.testing.assert_allclose(got, want.reshape(b, t, heads * d), rtol=1e-5, atol=1e-5)

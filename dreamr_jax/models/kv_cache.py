@@ -14,7 +14,7 @@ from dreamr_jax.config.schema import TextConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """k, v: `[layers, batch, kv_heads, max_len, head_dim]`, the layout `cached_attention` reads
+    """k, v: `[layers, batch, kv_heads, max_len, head_dim]`, the layout `text.attention` reads
     in place.
 
     valid: `[batch, max_len]` bool, slot holds a real token (False for left padding).

@@ -19,7 +19,7 @@ from dreamr_jax.models.inputs import ModelInputs, prepare_inputs, prepare_vision
 from dreamr_jax.models.kv_cache import KVCache, write_rows
 from dreamr_jax.models.layers import Linear
 from dreamr_jax.models.rope import text_rope
-from dreamr_jax.models.text import TextModel, attention, cached_attention
+from dreamr_jax.models.text import TextModel, attention
 from dreamr_jax.models.vision import VisionModel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -102,13 +102,12 @@ class Qwen3VL(nnx.Module):
                 mask = jnp.where(in_chunk[:, None, :], allowed & valid[:, None, :], mask)
             new_k, new_v = cache.k, cache.v
 
+        def attend_in_chunk(q, k, v):  # keys `[batch, t, kv_heads, head_dim]`: to heads first
+            return attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
+
         for i, layer in enumerate(text.layers):
-            if cache is None:
-
-                def attend(q, k, v):
-                    return attention(q, k, v, mask)  # noqa: B023 (used inside this iteration)
-
-            else:
+            attend = attend_in_chunk
+            if cache is not None:
 
                 def attend(q, k, v, i=i):
                     # One scatter into the stacked (donated) cache: XLA updates it in place,
@@ -118,7 +117,7 @@ class Qwen3VL(nnx.Module):
                     at = (i, rows, slice(None), query_slot)
                     new_k = new_k.at[at].set(k.astype(new_k.dtype), mode="drop")
                     new_v = new_v.at[at].set(v.astype(new_v.dtype), mode="drop")
-                    return cached_attention(q, new_k[i], new_v[i], mask)
+                    return attention(q, new_k[i], new_v[i], mask)
 
             x = layer(x, cos, sin, attend)
             if deepstack is not None and i < deepstack.shape[0]:

@@ -15,37 +15,25 @@ from dreamr_jax.models.rope import apply_rope
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention.
 
-    q `[batch, t, heads, head_dim]`, k/v `[batch, keys, kv_heads, head_dim]`, mask
-    `[batch, t, keys]` bool. Scores and softmax in float32. Returns `[batch, t, heads * head_dim]`.
+    q `[batch, t, heads, head_dim]`, k/v `[batch, kv_heads, keys, head_dim]` (the KV cache's
+    layout), mask `[batch, t, keys]` bool. Scores and softmax in float32. Returns
+    `[batch, t, heads * head_dim]`.
+
+    The keys are the left operand of the scores product and the values the right one of the
+    output product, the operand layouts XLA's CPU matmul takes as they are. As einsums over
+    `[batch, keys, kv_heads, head_dim]`, XLA transposed a copy of every layer's cache for every
+    decoded token: work that grew with the cache's slots and was most of a small model's
+    decode time. (Training, without a cache, is no slower this way.)
     """
     b, t, h, d = q.shape
-    kvh = k.shape[2]
-    q = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * d**-0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h * d)
-
-
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """`attention` over a KV cache: k/v `[batch, kv_heads, slots, head_dim]` (the cache's layout).
-
-    The cache is the left operand of the scores product and the right one of the output
-    product, the operand layouts XLA's CPU matmul takes as they are. Written as `attention`'s
-    einsums, XLA transposed a copy of every layer's keys and values for every decoded token:
-    work that grew with the cache's slots and was most of a small model's decode time.
-    """
-    b, t, h, d = q.shape
-    kvh, slots = k.shape[1], k.shape[2]
+    kvh, keys = k.shape[1], k.shape[2]
     g = h // kvh
     rows = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
     scores = jnp.matmul(k, rows.swapaxes(-1, -2), preferred_element_type=jnp.float32)
-    scores = scores.swapaxes(-1, -2).reshape(b, kvh, g, t, slots) * d**-0.5
+    scores = scores.swapaxes(-1, -2).reshape(b, kvh, g, t, keys) * d**-0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.matmul(probs.reshape(b, kvh, g * t, slots), v)  # [batch, kv_heads, g * t, d]
+    out = jnp.matmul(probs.reshape(b, kvh, g * t, keys), v)  # [batch, kv_heads, g * t, d]
     return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 

@@ -288,7 +288,7 @@ class Engine:
         for width in sorted({chunk_width(n) for n in range(1, longest + 1)}):
             step = [filler] * max(1, width - len(suffix))
             t = self.target.start(inputs, max_len)
-            self._cpn(self._verify(t, [step], suffix).verdict_logits).accept.block_until_ready()
+            self._cpn(self._verify(t, [step], suffix).verdict_logits)  # fetched: blocks
         # A fallback that starts from the verification's agreement: a cut, then one token.
         v = self._verify(self.target.start(inputs, max_len), [[filler] * 2], suffix)
         jax.block_until_ready(self.target.extend(v.cut(1), [[filler]], [[0]])[1].logits)
@@ -361,12 +361,15 @@ class Engine:
         return indices + indices[:1] * (at_least - len(indices))
 
     def _cpn(self, verdict_logits):
-        return cpn_verdicts(
-            verdict_logits,
-            self.builder.positive_ids,
-            self.builder.negative_ids,
-            self.spec.alpha,
-            self.spec.format_floor,
+        """CPN verdicts on the host, all fields in one transfer: the caller reads them anyway."""
+        return jax.device_get(
+            cpn_verdicts(
+                verdict_logits,
+                self.builder.positive_ids,
+                self.builder.negative_ids,
+                self.spec.alpha,
+                self.spec.format_floor,
+            )
         )
 
     def _resync_draft(self, d: Session, steps, marks, kept: int, new_step: list[int]) -> Session:
@@ -452,8 +455,8 @@ class Engine:
             ok, p = np.zeros(k, bool), [None] * k
             if judged:
                 verdicts = self._cpn(v.verdict_logits)
-                ok, p = np.asarray(verdicts.accept)[:k], np.asarray(verdicts.p)[:k].tolist()
-                sol.format_misses += int(np.sum(~np.asarray(verdicts.format_ok)[:k]))
+                ok, p = verdicts.accept[:k], verdicts.p[:k].tolist()
+                sol.format_misses += int(np.sum(~verdicts.format_ok[:k]))
             sol.proposed += k
             kept = 0
             while kept < k:
@@ -486,7 +489,7 @@ class Engine:
 
     def _specreason(self, t: Session, d: Session) -> Solution:
         sol = Solution([], [])
-        score_ids = jnp.asarray(self.builder.score_ids)
+        score_ids = np.asarray(self.builder.score_ids)
         while not self._done(sol.tokens):
             steps, marks, d = self._draft_window(d, sol, 1)
             if not steps:
@@ -494,7 +497,8 @@ class Engine:
             step = steps[0]
             v = self._verify(t, steps, self.builder.score_suffix_ids)
             sol.target_calls += 1
-            score = int(np.argmax(np.asarray(v.verdict_logits[0][score_ids])))
+            # (Read whole: indexing on the device would run two small programs per step.)
+            score = int(np.argmax(np.asarray(v.verdict_logits)[0, score_ids]))
             sol.proposed += 1
             if score >= self.spec.score_threshold:
                 sol.accepted += 1
