@@ -322,3 +322,27 @@ def test_reading_steps_weigh_read_loss_weight(setup):
     assert reading and n_read > 0
     assert (heavy["loss_mask"] == 3.0).sum() == n_read
     assert heavy["loss_mask"].sum() == plain["loss_mask"].sum() + 2 * n_read
+
+
+def test_read_pairs_judge_every_reading_step_both_ways(setup):
+    """With `read_pairs`, each reading step gets a gold and a corrupted yes/no branch in its row
+    (the corrupted one names other digits), after the drawn branches, which are unchanged."""
+    cfg, _, builder, processor, problems = setup
+    plain = plan_examples(problems[:12], 0.0, 0, 0.25, 0.0, judge_branches=2)
+    plans = plan_examples(problems[:12], 0.0, 0, 0.25, 0.0, judge_branches=2, read_pairs=True)
+    data = dataclasses.replace(cfg.data, judge_branches=2, seq_len=400)
+    examples = SFTExampleBuilder(problems, builder, processor, data)
+    for before, plan in zip(plain, plans, strict=True):
+        assert plan.branches[: len(before.branches)] == before.branches
+        problem = problems[plan.problem]
+        reading = [k for k, s in enumerate(problem.steps) if digitmath.is_reading_step(s)]
+        assert reading
+        for k in reading:
+            yes_no = [seed for step, seed, score in plan.branches if step == k and not score]
+            assert None in yes_no and any(seed is not None for seed in yes_no)
+        # Every branch fits in a long row, so each query carries its own verdict.
+        built = examples.build(plan)
+        judged = {int(b) for b in built["branch"][built["visible"] > 0] if b > 0}
+        assert len(judged) == len(plan.branches)
+    with pytest.raises(ValueError, match="data.read_pairs"):
+        dataclasses.replace(cfg.data, read_pairs=True, judge_branches=0).validate()

@@ -304,6 +304,9 @@ class DataConfig:
     # share of reasoning examples whose digit cells are randomly distorted (rotation, scale,
     # shift): the model learns digits, not the train pool's scans
     distort_fraction: float = 0.0
+    # Judge every reading step of a chain both ways in its row (gold and corrupted candidates,
+    # needs judge_branches): contrast pairs that differ only in the digits named
+    read_pairs: bool = False
     seq_len: int = 160  # every example is padded to this many tokens; longer ones are an error
     max_image_patches: int = 32  # every example's patches are padded to this many
     tokenizer: str = ""  # HF tokenizer folder; "" builds the default DigitMath tokenizer
@@ -336,6 +339,8 @@ class DataConfig:
             _fail(f"{prefix}.content_error_weight", "must be positive")
         if self.judge_branches < 0:
             _fail(f"{prefix}.judge_branches", f"must be >= 0, got {self.judge_branches}")
+        if self.read_pairs and not self.judge_branches:
+            _fail(f"{prefix}.read_pairs", "needs judge_branches > 0 (pairs are judge branches)")
         if not 0 <= self.draft_mistake_problems <= self.train_problems:
             _fail(
                 f"{prefix}.draft_mistake_problems",
