@@ -325,8 +325,8 @@ def test_reading_steps_weigh_read_loss_weight(setup):
 
 
 def test_read_pairs_judge_every_reading_step_both_ways(setup):
-    """With `read_pairs`, each reading step gets a gold and a corrupted yes/no branch in its row
-    (the corrupted one names other digits), after the drawn branches, which are unchanged."""
+    """With `read_pairs`, each reading step gets a gold and a corrupted yes/no branch in its row,
+    after the drawn branches, which are unchanged."""
     cfg, _, builder, processor, problems = setup
     plain = plan_examples(problems[:12], 0.0, 0, 0.25, 0.0, judge_branches=2)
     plans = plan_examples(problems[:12], 0.0, 0, 0.25, 0.0, judge_branches=2, read_pairs=True)
