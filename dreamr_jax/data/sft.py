@@ -110,10 +110,11 @@ def plan_examples(
         for k, step in enumerate(problem.steps):
             if not digitmath.is_reading_step(step):
                 continue
-            judged = [q[1] is not None for q in drawn if q[0] == k and not q[2]]
-            if True not in judged:  # no yes/no query on a corrupted candidate yet
+            # Whether each yes/no query already drawn on step k has a corrupted candidate.
+            corrupted = [seed is not None for at, seed, score in drawn if at == k and not score]
+            if not any(corrupted):
                 extra.append((k, int(pair_rng.integers(2**31)), False))
-            if False not in judged:
+            if all(corrupted):  # (also when none was drawn)
                 extra.append((k, None, False))
         return drawn + tuple(extra)
 
