@@ -44,15 +44,6 @@ def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> 
     )
 
 
-def write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
-    """Writes `update [batch, t, ...]` into `buffer [batch, max_len, ...]` at per-row `start`."""
-
-    def one(buf, upd, s):
-        return jax.lax.dynamic_update_slice_in_dim(buf, upd.astype(buf.dtype), s, axis=0)
-
-    return jax.vmap(one)(buffer, update, start)
-
-
 def rollback(cache: KVCache, length: jax.Array, next_position: jax.Array) -> KVCache:
     """Truncates every row to `length [batch]` slots; later slots are dropped from attention.
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from dreamr_jax.config.schema import ModelConfig
 from dreamr_jax.models.inputs import ModelInputs, prepare_inputs, prepare_vision
-from dreamr_jax.models.kv_cache import KVCache, write_rows
+from dreamr_jax.models.kv_cache import KVCache
 from dreamr_jax.models.layers import Linear
 from dreamr_jax.models.rope import text_rope
 from dreamr_jax.models.text import TextModel, attention
@@ -89,9 +89,11 @@ class Qwen3VL(nnx.Module):
                 mask = causal[None] & token_mask[:, None, :]
             new_cache = None
         else:
-            valid = write_rows(cache.valid, token_mask, cache.length)
             query_slot = cache.length[:, None] + jnp.arange(t)[None, :]  # [batch, t]
             rows = jnp.arange(ids.shape[0])[:, None]
+            # Slots past the cache are dropped, as for k and v below: a chunk's right padding
+            # needs no room in the cache, only its real tokens do.
+            valid = cache.valid.at[rows, query_slot].set(token_mask, mode="drop")
             slots = jnp.arange(cache.max_len)
             mask = valid[:, None, :] & (slots[None, None, :] <= query_slot[..., None])
             if inputs.chunk_mask is not None:

@@ -220,17 +220,24 @@ class Engine:
         return ids, inputs
 
     def max_len(self, prompt_len: int) -> int:
-        """Cache slots a request can need; attention cost grows with them, so no more."""
+        """Cache slots a request can need; attention reads every slot, so no more.
+
+        A step begins only while the chain is below `max_new_tokens`, so committed plus drafted
+        tokens stay below max_new_tokens + max_step_tokens, and a target step written in place
+        of a drafted one (a fallback) starts where that step did. Chunk padding needs no room
+        (the cache drops writes past its end). On top of the chain only what a mode writes
+        after it: the judge suffixes of a verification pass (none at alpha >= 1), lookahead's
+        bonus step after the whole window, sd's proposals."""
         s = self.spec
-        suffix = max(len(self.builder.judge_suffix_ids), len(self.builder.score_suffix_ids))
-        # Steps are cut only after the budget is spent: committed + drafted tokens stay below
-        # max_new_tokens + max_step_tokens.
-        need = -(-prompt_len // BUCKET) * BUCKET + s.max_new_tokens + s.max_step_tokens
-        if s.mode not in ("target", "draft"):
-            # Past them: the W judge suffixes of a tree chunk and its padding (`chunk_width`:
-            # under 32), a target step after the drafted ones (lookahead, eager fallback), or
-            # sd's proposals.
-            need += max(self._most_steps * suffix + 31, s.max_step_tokens, s.sd_tokens + 1)
+        need = -(-prompt_len // BUCKET) * BUCKET + s.max_new_tokens + s.max_step_tokens - 1
+        if s.mode == "specreason":
+            need += len(self.builder.score_suffix_ids)
+        elif s.mode == "lookahead":
+            need += s.window * len(self.builder.judge_suffix_ids) + s.max_step_tokens
+        elif s.mode == "dreamr" and s.alpha < 1:
+            need += self._most_steps * len(self.builder.judge_suffix_ids)
+        elif s.mode == "sd":
+            need += max(0, s.sd_tokens + 1 - s.max_step_tokens)
         return -(-need // 128) * 128
 
     @property
