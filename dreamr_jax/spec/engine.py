@@ -101,6 +101,10 @@ def sd_target_view(first, logits, sampling: Sampling):
     return jnp.argmax(table, axis=-1), probs
 
 
+# The same keys as `jax.random.key(int)`, as one compiled program instead of eager ops.
+_random_key = jax.jit(jax.random.key)
+
+
 @jax.jit
 def _mark(marks, i):
     """marks[:, i] `[batch, vocab]` with a traced i: one program for every i."""
@@ -252,7 +256,7 @@ class Engine:
         return self.spec.window + self._resumes
 
     def _key(self, step: int):
-        return jax.random.key(self.seed * 1_000_003 + step)
+        return _random_key(np.int32((self.seed * 1_000_003 + step) % 2**31))
 
     def _take(self, tokens, n, row: int = 0) -> list[int]:
         # Whole arrays to the host, sliced there: a device slice per length would be a new
