@@ -96,6 +96,12 @@ def main() -> None:
     for alpha in alphas:
         if alpha != base.alpha:
             configs[f"dreamr a={alpha}"] = dataclasses.replace(base, mode="dreamr", alpha=alpha)
+    # Ablations of the window at alpha 1 (outputs = the target's): W whole steps every window
+    # (no early end on a doubtful step), and a longer adaptive window.
+    configs["dreamr a=1.0 fixed window"] = dataclasses.replace(
+        base, mode="dreamr", alpha=1.0, draft_confidence=0.0
+    )
+    configs["dreamr a=1.0 W=8"] = dataclasses.replace(base, mode="dreamr", alpha=1.0, window=8)
     engines = {name: Engine(target, draft, spec) for name, spec in configs.items()}
     for engine in engines.values():
         warm_up(engine, 2)

@@ -134,7 +134,8 @@ def test_rejected_steps_the_target_agrees_with_cost_no_decoding(pair, problems, 
     target's own greedy step, which the verification pass has already computed token by token:
     it is committed from there with no decoding, and the window goes on (one target call, the
     verification pass, per window of W steps)."""
-    engine = Engine(pair[0], pair[0], dataclasses.replace(SPEC, mode="dreamr", alpha=1.0))
+    spec = dataclasses.replace(SPEC, mode="dreamr", alpha=1.0, draft_confidence=0.0)
+    engine = Engine(pair[0], pair[0], spec)
     solutions = [engine.solve(p.question, [problem_image(p)]) for p in problems]
     assert [s.tokens for s in solutions] == target_outputs
     for sol in solutions:
@@ -170,6 +171,42 @@ def test_window_in_one_call_equals_step_by_step(pair, problems, budget):
     after, n, _, _, _ = runner.step(session, key, SPEC.max_step_tokens)
     want, m, _, _, _ = runner.step(reference, key, SPEC.max_step_tokens)
     assert engine._take(after, n) == engine._take(want, m)
+
+
+def test_window_ends_after_the_first_doubtful_step(pair, problems):
+    """With `min_confidence` the window stops after the first step holding a token the draft drew
+    at a probability below it, and keeps that step: it is the one the target must check."""
+    engine = Engine(*pair, dataclasses.replace(SPEC, mode="target"))
+    runner, p = engine.draft, problems[1]
+    ids, inputs = engine.prompt(p.question, [problem_image(p)])
+    max_len, key = engine.max_len(len(ids)), jax.random.key(0)
+    full, _, _ = runner.steps(runner.start(inputs, max_len), key, 40, 3, SPEC.max_step_tokens)
+    assert len(full) == 3
+    # The probability the draft gave each token of its window, from one pass over the chain.
+    start = runner.start(inputs, max_len)
+    chain = [t for s in full for t in s]
+    before = np.asarray(start.logits[0])[None]
+    logits, _ = runner.extend(start, [chain], [list(range(len(chain) - 1))])
+    probs = jax.nn.softmax(np.concatenate([before, np.asarray(logits[0])]), axis=-1)
+    drawn = np.asarray(probs)[np.arange(len(chain)), chain]
+    ends = np.cumsum([len(s) for s in full])
+    least = [drawn[e - len(s) : e].min() for s, e in zip(full, ends, strict=True)]
+    assert min(least[:-1]) < 0.99  # some threshold ends the window early: the test can fail
+    for threshold in sorted({*least, 0.0}):
+        # Just above a step's least likely token: that step is the last one written.
+        confidence = min(1.0, float(threshold) * (1 + 1e-4))
+        doubtful = [i for i, m in enumerate(least) if m < confidence]
+        want = full[: doubtful[0] + 1] if doubtful else full
+        steps, _, session = runner.steps(
+            runner.start(inputs, max_len),
+            key,
+            40,
+            3,
+            SPEC.max_step_tokens,
+            min_confidence=confidence,
+        )
+        assert steps == want, (confidence, least)
+        assert int(session.cache.length[0]) == -(-len(ids) // 16) * 16 + sum(map(len, want))
 
 
 def test_tree_verification_equals_separate_judge_queries(pair, problems):

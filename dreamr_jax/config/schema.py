@@ -388,6 +388,9 @@ class SpecConfig:
     # checks (eager), or, greedy, only up to its first token that differs from the rejected
     # step's, the draft writing the rest (resume; sampling decodes the whole step as lazy does)
     fallback: str = "resume"
+    # dreamr: a draft window ends after a step in which the draft drew a token with probability
+    # below this (0 = always W steps): the steps after a doubtful one are likely thrown away
+    draft_confidence: float = 0.8
     max_step_tokens: int = 48  # a step is cut here if it has not reached the delimiter
     max_new_tokens: int = 256  # whole chain
     sd_tokens: int = 4  # sd: draft tokens per verification
@@ -401,6 +404,8 @@ class SpecConfig:
             _fail(f"{prefix}.fallback", f"{self.fallback!r} is not one of {FALLBACKS}")
         if not 0 <= self.alpha:
             _fail(f"{prefix}.alpha", f"must be >= 0, got {self.alpha}")
+        if not 0 <= self.draft_confidence <= 1:
+            _fail(f"{prefix}.draft_confidence", f"must be in [0, 1], got {self.draft_confidence}")
         if not 0 <= self.format_floor < 1:
             _fail(f"{prefix}.format_floor", f"must be in [0, 1), got {self.format_floor}")
         for name in ("window", "max_step_tokens", "max_new_tokens", "sd_tokens"):

@@ -348,7 +348,11 @@ class Engine:
         budget = self.spec.max_new_tokens - len(sol.tokens)
         # Keyed by the position the window starts at, so sampled steps get fresh randomness.
         key = self._key(len(sol.tokens) + 7919)
-        return self.draft.steps(d, key, budget, limit, self.spec.max_step_tokens, self.sampling)
+        # Only dreamr's windows end early on a doubtful step: the peers keep their schedules.
+        confidence = self.spec.draft_confidence if self.spec.mode == "dreamr" else 0.0
+        return self.draft.steps(
+            d, key, budget, limit, self.spec.max_step_tokens, self.sampling, confidence
+        )
 
     def _verify(
         self, t: Session, steps: list[list[int]], suffix_ids=None, pending: int | None = None

@@ -195,10 +195,16 @@ def generate_steps(
     sampling: Sampling,
     stop_ids: tuple[int, ...],
     eos_ids: tuple[int, ...],
+    min_confidence=0.0,
+    step_limit=None,
 ):
     """Up to `max_steps` steps per row in one device loop (a draft window): no host round trip
-    between steps. A row stops after EOS, after `max_steps` steps, or once it has written
-    `budget` `[batch]` tokens (at the end of that step). Each step ends as in `generate_step`.
+    between steps. A row stops after EOS, after `max_steps` steps, once it has written `budget`
+    `[batch]` tokens, or after a step in which it drew a token with probability below
+    `min_confidence` (a traced scalar; the step is kept: it is the one to check, and what the
+    row would write after it is likely to be thrown away). Each step ends as in
+    `generate_step`. `step_limit` (traced, at most `max_steps`) lowers the step count without
+    a new program.
 
     Returns tokens `[batch, max_steps * max_step_tokens]` (-1 past the end), ends `[batch,
     max_steps]` (tokens written through each step, 0 for steps not written), the number of steps
@@ -211,18 +217,23 @@ def generate_steps(
     eos = jnp.asarray(eos_ids, jnp.int32)
     rows = jnp.arange(b)
     start = cache.length
+    step_limit = max_steps if step_limit is None else jnp.minimum(step_limit, max_steps)
 
     def cond(carry):
         i, active = carry[0], carry[2]
         return (i < max_steps * max_step_tokens) & jnp.any(active)
 
     def body(carry):
-        i, tokens, active, n, in_step, steps, ends, marks, cache, logits, key = carry
+        i, tokens, active, n, in_step, sure, steps, ends, marks, cache, logits, key = carry
         key, sub = jax.random.split(key)
-        token = jnp.where(active, sample(logits, sub, sampling), -1)
+        drawn = sample(logits, sub, sampling)
+        scaled = logits if sampling.greedy else filter_logits(logits, sampling)
+        prob = jnp.take_along_axis(jax.nn.softmax(scaled, axis=-1), drawn[:, None], 1)[:, 0]
+        token = jnp.where(active, drawn, -1)
         tokens = tokens.at[rows, n].set(token, mode="drop")
         cache, logits = _feed(model, token, active, cache, logits)
         n, in_step = n + active, in_step + active
+        sure = jnp.minimum(sure, prob)  # the step's least likely token so far
         step_ends = active & (jnp.isin(token, stop) | (in_step >= max_step_tokens))
         # Rows whose step did not end write to an index past the end (dropped).
         slot = jnp.where(step_ends, steps, max_steps + 1)
@@ -230,10 +241,12 @@ def generate_steps(
         marks = marks.at[rows, slot + 1].set(logits, mode="drop")
         steps = steps + step_ends
         in_step = jnp.where(step_ends, 0, in_step)
+        doubtful = sure < min_confidence
+        sure = jnp.where(step_ends, 1.0, sure)
         active = active & ~(
-            step_ends & (jnp.isin(token, eos) | (steps >= max_steps) | (n >= budget))
+            step_ends & (jnp.isin(token, eos) | (steps >= step_limit) | (n >= budget) | doubtful)
         )
-        return i + 1, tokens, active, n, in_step, steps, ends, marks, cache, logits, key
+        return i + 1, tokens, active, n, in_step, sure, steps, ends, marks, cache, logits, key
 
     zeros = jnp.zeros((b,), jnp.int32)
     carry = (
@@ -242,6 +255,7 @@ def generate_steps(
         jnp.ones((b,), bool),
         zeros,
         zeros,
+        jnp.ones((b,), jnp.float32),
         zeros,
         jnp.zeros((b, max_steps), jnp.int32),
         jnp.zeros((b, max_steps + 1, vocab), logits.dtype).at[:, 0].set(logits),
@@ -249,7 +263,9 @@ def generate_steps(
         logits,
         key,
     )
-    _, tokens, _, n, _, steps, ends, marks, cache, logits, _ = jax.lax.while_loop(cond, body, carry)
+    _, tokens, _, n, _, _, steps, ends, marks, cache, logits, _ = jax.lax.while_loop(
+        cond, body, carry
+    )
     cache = rollback(cache, start + n, cache.next_position)
     return tokens, ends, steps, marks, cache, logits
 
@@ -440,9 +456,11 @@ class ModelRunner:
         max_steps: int,
         max_step_tokens: int,
         sampling: Sampling = GREEDY,
+        min_confidence: float = 0.0,
     ) -> tuple[list[list[int]], jax.Array, Session]:
         """Up to `max_steps` steps of a one-row session in one device call (`generate_steps`),
-        stopping after EOS or once `budget` tokens are written. Returns (the steps as token
+        stopping after EOS, once `budget` tokens are written or after a step with a token drawn
+        at probability below `min_confidence`. Returns (the steps as token
         lists, marks `[1, max_steps + 1, vocab]`: the logits before each step and after the
         last, the session after the steps). Donates `session`."""
         tokens, ends, count, marks, cache, logits = generate_steps(
@@ -457,6 +475,7 @@ class ModelRunner:
             sampling,
             self.stop_ids,
             self.eos_ids,
+            np.float32(min_confidence),
         )
         tokens, ends = np.asarray(tokens)[0], np.asarray(ends)[0, : int(np.asarray(count)[0])]
         starts = np.concatenate([[0], ends[:-1]]).astype(int)
