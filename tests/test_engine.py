@@ -61,6 +61,37 @@ def test_greedy_invariants_reproduce_target(pair, problems, target_outputs, spec
         assert all(s.accepted == 0 and s.proposed > 0 for s in solutions)
 
 
+@pytest.fixture(scope="module")
+def near_target(pair):
+    """The tiny target with noise on its lm_head: it agrees with the target on most tokens and
+    parts from it on some, so its windows run on long after a parting."""
+    near = load_checkpoint(pair[0].path, PromptConfig())
+    head = near.model.lm_head.kernel
+    noise = np.random.default_rng(0).normal(size=head.get_value().shape).astype(np.float32)
+    head.set_value(head.get_value() + 0.5 * float(np.std(head.get_value())) * noise)
+    return near
+
+
+@pytest.mark.parametrize("draft", ["draft", "target", "near-target"])
+def test_exact_loop_ends_the_chain_where_the_target_does(pair, problems, near_target, draft):
+    """dreamr at alpha 1 runs as one device loop (`exact.speculate_exact`). A window can commit
+    past the end of the step that crosses the budget (after a parting, the draft counts its
+    step from where it took over, not from where the target's began); the chain must still end
+    where the target alone ends it. Budgets 37 and 21 fall inside a step (the tiny target
+    writes 8-token steps); with the target as its own draft whole windows are committed."""
+    draft = {"draft": pair[1], "target": pair[0], "near-target": near_target}[draft]
+    target = pair[0]
+    for budget in (37, 21):
+        spec = dataclasses.replace(SPEC, max_new_tokens=budget)
+        alone = Engine(target, None, dataclasses.replace(spec, mode="target"))
+        exact = Engine(target, draft, dataclasses.replace(spec, mode="dreamr", alpha=1.0))
+        assert exact._exact
+        want = [alone.solve(p.question, [problem_image(p)]).tokens for p in problems[:6]]
+        got = [exact.solve(p.question, [problem_image(p)]).tokens for p in problems[:6]]
+        assert got == want
+        assert any(len(w) > budget for w in want)  # some chains end past the budget
+
+
 @pytest.mark.parametrize("mode", ["dreamr", "dreamr-resume", "specreason", "lookahead", "draft"])
 def test_modes_write_well_formed_chains(pair, problems, mode):
     mode, _, fallback = mode.partition("-")

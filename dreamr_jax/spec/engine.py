@@ -36,6 +36,7 @@ from dreamr_jax.models.inputs import pad_vision, prepare_inputs
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.models.sampling import Sampling, filter_logits
 from dreamr_jax.spec.cpn import cpn_verdicts
+from dreamr_jax.spec.exact import ExactSpec, speculate_exact
 from dreamr_jax.spec.runner import (
     ModelRunner,
     Session,
@@ -287,7 +288,7 @@ class Engine:
         or W rows for eager), and the draft taking a committed step of every padded length and
         dropping rejected steps."""
         self.solve(question, images)
-        if self.spec.mode not in ("dreamr", "lookahead", "specreason"):
+        if self.spec.mode not in ("dreamr", "lookahead", "specreason") or self._exact:
             return
         ids, inputs = self.prompt(question, images)
         max_len = self.max_len(len(ids))
@@ -443,7 +444,43 @@ class Engine:
         self._commit(sol, new_step, "target")
         return t, self._resync_draft(d, steps, marks, kept, new_step), pending
 
+    @property
+    def _exact(self) -> bool:
+        """Whether dreamr runs as one device loop (`exact.speculate_exact`): alpha >= 1, greedy,
+        `resume`, where what is committed is exactly the target's greedy chain."""
+        s = self.spec
+        return s.mode == "dreamr" and s.alpha >= 1 and self._resumes and self.sampling.greedy
+
+    def _dreamr_exact(self, t: Session, d: Session) -> Solution:
+        s = self.spec
+        shape = ExactSpec(
+            s.window,
+            s.max_step_tokens,
+            s.max_new_tokens,
+            self.target.stop_ids,
+            self.target.eos_ids,
+            self.target.pad_id,
+        )
+        out, n, passes, proposed = speculate_exact(
+            self.target.graphdef,
+            self.target.state,
+            self.draft.graphdef,
+            self.draft.state,
+            t.cache,
+            d.cache,
+            t.logits,
+            d.logits,
+            shape,
+            np.float32(s.draft_confidence),
+        )
+        tokens = np.asarray(out)[: int(n)].tolist()
+        # Every committed token is the target's own choice; the draft's rejected steps are not
+        # kept (the host loop records them).
+        return Solution(tokens, self._split_steps(tokens), int(proposed), 0, int(passes))
+
     def _dreamr(self, t: Session, d: Session) -> Solution:
+        if self._exact:
+            return self._dreamr_exact(t, d)
         sol = Solution([], [])
         eager = self.spec.fallback == "eager"
         # alpha >= 1 accepts nothing, so the passes ask no judge queries: they only compute the

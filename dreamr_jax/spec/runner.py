@@ -46,7 +46,7 @@ class Session:
         return self.logits.shape[0]
 
 
-def _text_positions(mask: jax.Array, next_position: jax.Array) -> jax.Array:
+def text_positions(mask: jax.Array, next_position: jax.Array) -> jax.Array:
     """M-RoPE positions `[3, batch, t]` of a right-padded text chunk (all three rows equal)."""
     pos = next_position[:, None] + jnp.cumsum(mask, axis=1) - 1
     return jnp.broadcast_to(jnp.where(mask, pos, 0)[None], (3, *mask.shape)).astype(jnp.int32)
@@ -64,7 +64,7 @@ def extend(graphdef, state, tokens, mask, cache: KVCache, gather, logits_before)
     """
     model = merge(graphdef, state)
     start = cache.length
-    inputs = ModelInputs(tokens, mask, _text_positions(mask, cache.next_position), None)
+    inputs = ModelInputs(tokens, mask, text_positions(mask, cache.next_position), None)
     hidden, cache = model.hidden_states(inputs, cache)
     n = mask.sum(axis=1).astype(jnp.int32)
     cache = rollback(cache, start + n, cache.next_position)
@@ -107,11 +107,11 @@ def extend_tree(
     return logits[:, :half], logits[:, half:], greedy.astype(jnp.int32), cache, start
 
 
-def _feed(model, token, active, cache: KVCache, logits):
+def feed_token(model, token, active, cache: KVCache, logits):
     """Feeds one token per row `[batch]` (rows not `active` feed nothing) and returns the cache
     and the next-token logits `[batch, vocab]` (unchanged for inactive rows)."""
     feed = jnp.maximum(token, 0)[:, None]
-    positions = _text_positions(active[:, None], cache.next_position)
+    positions = text_positions(active[:, None], cache.next_position)
     hidden, cache = model.hidden_states(ModelInputs(feed, active[:, None], positions, None), cache)
     return cache, jnp.where(active[:, None], model.logits(hidden[:, 0]), logits)
 
@@ -159,7 +159,7 @@ def generate_step(
         if keep_dists:
             scaled = logits if sampling.greedy else filter_logits(logits, sampling)
             log_probs = log_probs.at[:, i].set(jax.nn.log_softmax(scaled, axis=-1))
-        cache, logits = _feed(model, token, active, cache, logits)
+        cache, logits = feed_token(model, token, active, cache, logits)
         n = n + active
         ended = jnp.isin(token, stop)
         hit_eos = hit_eos | (active & jnp.isin(token, eos))
@@ -231,7 +231,7 @@ def generate_steps(
         prob = jnp.take_along_axis(jax.nn.softmax(scaled, axis=-1), drawn[:, None], 1)[:, 0]
         token = jnp.where(active, drawn, -1)
         tokens = tokens.at[rows, n].set(token, mode="drop")
-        cache, logits = _feed(model, token, active, cache, logits)
+        cache, logits = feed_token(model, token, active, cache, logits)
         n, in_step = n + active, in_step + active
         sure = jnp.minimum(sure, prob)  # the step's least likely token so far
         step_ends = active & (jnp.isin(token, stop) | (in_step >= max_step_tokens))
