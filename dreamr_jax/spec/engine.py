@@ -351,7 +351,7 @@ class Engine:
         # Keyed by the position the window starts at, so sampled steps get fresh randomness.
         key = self._key(len(sol.tokens) + 7919)
         # Only dreamr's windows end early on a doubtful step: the peers keep their schedules.
-        confidence = self.spec.draft_confidence if self.spec.mode == "dreamr" else 0.0
+        confidence = self.spec.draft_confidence if self.spec.mode == "dreamr" else None
         return self.draft.steps(
             d, key, budget, limit, self.spec.max_step_tokens, self.sampling, confidence
         )

@@ -195,14 +195,15 @@ def generate_steps(
     sampling: Sampling,
     stop_ids: tuple[int, ...],
     eos_ids: tuple[int, ...],
-    min_confidence=0.0,
+    min_confidence=None,
     step_limit=None,
 ):
     """Up to `max_steps` steps per row in one device loop (a draft window): no host round trip
     between steps. A row stops after EOS, after `max_steps` steps, once it has written `budget`
     `[batch]` tokens, or after a step in which it drew a token with probability below
-    `min_confidence` (a traced scalar; the step is kept: it is the one to check, and what the
-    row would write after it is likely to be thrown away). Each step ends as in
+    `min_confidence` (a traced scalar, or None: not tracked, no softmax per token; the step is
+    kept: it is the one to check, and what the row would write after it is likely to be thrown
+    away). Each step ends as in
     `generate_step`. `step_limit` (traced, at most `max_steps`) lowers the step count without
     a new program.
 
@@ -227,13 +228,14 @@ def generate_steps(
         i, tokens, active, n, in_step, sure, steps, ends, marks, cache, logits, key = carry
         key, sub = jax.random.split(key)
         drawn = sample(logits, sub, sampling)
-        scaled = logits if sampling.greedy else filter_logits(logits, sampling)
-        prob = jnp.take_along_axis(jax.nn.softmax(scaled, axis=-1), drawn[:, None], 1)[:, 0]
+        if min_confidence is not None:
+            scaled = logits if sampling.greedy else filter_logits(logits, sampling)
+            prob = jnp.take_along_axis(jax.nn.softmax(scaled, axis=-1), drawn[:, None], 1)[:, 0]
+            sure = jnp.minimum(sure, prob)  # the step's least likely token so far
         token = jnp.where(active, drawn, -1)
         tokens = tokens.at[rows, n].set(token, mode="drop")
         cache, logits = feed_token(model, token, active, cache, logits)
         n, in_step = n + active, in_step + active
-        sure = jnp.minimum(sure, prob)  # the step's least likely token so far
         step_ends = active & (jnp.isin(token, stop) | (in_step >= max_step_tokens))
         # Rows whose step did not end write to an index past the end (dropped).
         slot = jnp.where(step_ends, steps, max_steps + 1)
@@ -241,7 +243,7 @@ def generate_steps(
         marks = marks.at[rows, slot + 1].set(logits, mode="drop")
         steps = steps + step_ends
         in_step = jnp.where(step_ends, 0, in_step)
-        doubtful = sure < min_confidence
+        doubtful = False if min_confidence is None else sure < min_confidence
         sure = jnp.where(step_ends, 1.0, sure)
         active = active & ~(
             step_ends & (jnp.isin(token, eos) | (steps >= step_limit) | (n >= budget) | doubtful)
@@ -456,7 +458,7 @@ class ModelRunner:
         max_steps: int,
         max_step_tokens: int,
         sampling: Sampling = GREEDY,
-        min_confidence: float = 0.0,
+        min_confidence: float | None = None,
     ) -> tuple[list[list[int]], jax.Array, Session]:
         """Up to `max_steps` steps of a one-row session in one device call (`generate_steps`),
         stopping after EOS, once `budget` tokens are written or after a step with a token drawn
@@ -475,7 +477,7 @@ class ModelRunner:
             sampling,
             self.stop_ids,
             self.eos_ids,
-            np.float32(min_confidence),
+            None if min_confidence is None else np.float32(min_confidence),
         )
         tokens, ends = np.asarray(tokens)[0], np.asarray(ends)[0, : int(np.asarray(count)[0])]
         starts = np.concatenate([[0], ends[:-1]]).astype(int)
