@@ -333,7 +333,13 @@ class Engine:
         session = runner.start(inputs, max_len)
         budget = self.spec.max_new_tokens  # steps have at least one token: at most this many
         steps, _, _ = runner.steps(
-            session, self._key(0), budget, budget, self.spec.max_step_tokens, self.sampling
+            session,
+            self._key(0),
+            budget,
+            budget,
+            self.spec.max_step_tokens,
+            self.sampling,
+            keep_marks=False,  # nothing to roll back to
         )
         sol = Solution([], [], target_calls=int(author == "target"))
         for step in steps:

@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from dreamr_jax.models.generate import merge
-from dreamr_jax.models.inputs import ModelInputs
 from dreamr_jax.models.kv_cache import KVCache, rollback
 from dreamr_jax.models.sampling import GREEDY
-from dreamr_jax.spec.runner import chunk_width, feed_token, generate_steps, text_positions
+from dreamr_jax.spec.runner import chunk_width, extend, feed_token, generate_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,20 +57,16 @@ class ExactSpec:
 
 def _verify(graphdef, state, chunk, length, cache: KVCache, width: int):
     """The first `width` tokens of `chunk [1, widest]` (`length` of them real) into the target's
-    cache. Returns its greedy token after each chunk token `[widest]` (padded with -1), the
-    logits after the last real token `[1, vocab]` and the cache holding the real tokens."""
-    model = merge(graphdef, state)
+    cache (`runner.extend`, which keeps the real ones). Returns its greedy token after each chunk
+    token `[widest]` (padded with -1) and the cache."""
     tokens = chunk[:, :width]
     mask = (jnp.arange(width) < length)[None]
-    start = cache.length
-    inputs = ModelInputs(tokens, mask, text_positions(mask, cache.next_position), None)
-    hidden, cache = model.hidden_states(inputs, cache)
-    logits = model.logits(hidden)  # [1, width, vocab]
+    gather = jnp.arange(width)[None]
+    # The logits "before" the chunk only stand in for an empty row; the chunk never is one.
+    unused = jnp.zeros((1, 1), jnp.float32)
+    logits, cache, _ = extend(graphdef, state, tokens, mask, cache, gather, unused)
     greedy = jnp.argmax(logits[0], axis=-1).astype(jnp.int32)
-    greedy = jnp.pad(greedy, (0, chunk.shape[1] - width), constant_values=-1)
-    last = logits[:, jnp.maximum(length - 1, 0)]
-    cache = rollback(cache, start + length, cache.next_position)
-    return greedy, last, cache
+    return jnp.pad(greedy, (0, chunk.shape[1] - width), constant_values=-1), cache
 
 
 def _step_ends(tokens, in_step, stop, cap: int):
@@ -125,7 +120,6 @@ def speculate_exact(
             d_model, jnp.maximum(c["pending"], 0)[None], has_p[None], d_cache, d_logits
         )
         d_cache = rollback(fed, d_start + has_p, fed.next_position)
-        d_start = d_cache.length
         drafted, ends, count, _, d_cache, d_after = generate_steps(
             d_graph,
             d_state,
@@ -140,6 +134,7 @@ def speculate_exact(
             spec.eos_ids,
             min_confidence,
             spec.window + has_p,  # with a pending token, the first step finishes the target's
+            keep_marks=False,  # rollbacks here go to any token, from the verification
         )
         n_drafted = jnp.max(ends[0])
         length = n_drafted + has_p
@@ -150,13 +145,10 @@ def speculate_exact(
         chain = jnp.pad(jnp.where(has_p, shifted, plain), (0, widest - spec.chain))
         chain = jnp.where(index < length, chain, spec.pad_id)
         bucket = jnp.sum(jnp.asarray(widths) < length)
-        greedy_after, t_last, t_cache = jax.lax.switch(
-            bucket, branches, chain[None], length, c["t_cache"]
-        )
+        greedy_after, t_cache = jax.lax.switch(bucket, branches, chain[None], length, c["t_cache"])
         # The target's choice before each chain token: after the previous one, or for the first
         # after the last window.
-        first = jnp.argmax(c["t_logits"][0]).astype(jnp.int32)
-        before = jnp.concatenate([first[None], greedy_after[:-1]])
+        before = jnp.concatenate([c["t_next"][None], greedy_after[:-1]])
         wrong = (index >= has_p) & (index < length) & (chain != before)
         m = jnp.where(jnp.any(wrong), jnp.argmax(wrong), length)  # chain[:m] is committed
         parted = m < length
@@ -183,7 +175,7 @@ def speculate_exact(
         return {
             "t_cache": t_cache,
             "d_cache": d_cache,
-            "t_logits": t_last,
+            "t_next": greedy_after[length - 1],  # read only when no token is pending
             "d_logits": d_after,
             "out": out,
             "n": n_new,
@@ -198,7 +190,7 @@ def speculate_exact(
     carry = {
         "t_cache": t_cache,
         "d_cache": d_cache,
-        "t_logits": t_logits,
+        "t_next": jnp.argmax(t_logits[0]).astype(jnp.int32),
         "d_logits": d_logits,
         "out": jnp.full((spec.out_len,), -1, jnp.int32),
         "n": zero,

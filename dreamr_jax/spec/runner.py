@@ -46,7 +46,7 @@ class Session:
         return self.logits.shape[0]
 
 
-def text_positions(mask: jax.Array, next_position: jax.Array) -> jax.Array:
+def _text_positions(mask: jax.Array, next_position: jax.Array) -> jax.Array:
     """M-RoPE positions `[3, batch, t]` of a right-padded text chunk (all three rows equal)."""
     pos = next_position[:, None] + jnp.cumsum(mask, axis=1) - 1
     return jnp.broadcast_to(jnp.where(mask, pos, 0)[None], (3, *mask.shape)).astype(jnp.int32)
@@ -64,7 +64,7 @@ def extend(graphdef, state, tokens, mask, cache: KVCache, gather, logits_before)
     """
     model = merge(graphdef, state)
     start = cache.length
-    inputs = ModelInputs(tokens, mask, text_positions(mask, cache.next_position), None)
+    inputs = ModelInputs(tokens, mask, _text_positions(mask, cache.next_position), None)
     hidden, cache = model.hidden_states(inputs, cache)
     n = mask.sum(axis=1).astype(jnp.int32)
     cache = rollback(cache, start + n, cache.next_position)
@@ -111,7 +111,7 @@ def feed_token(model, token, active, cache: KVCache, logits):
     """Feeds one token per row `[batch]` (rows not `active` feed nothing) and returns the cache
     and the next-token logits `[batch, vocab]` (unchanged for inactive rows)."""
     feed = jnp.maximum(token, 0)[:, None]
-    positions = text_positions(active[:, None], cache.next_position)
+    positions = _text_positions(active[:, None], cache.next_position)
     hidden, cache = model.hidden_states(ModelInputs(feed, active[:, None], positions, None), cache)
     return cache, jnp.where(active[:, None], model.logits(hidden[:, 0]), logits)
 
@@ -182,7 +182,9 @@ def generate_step(
     return tokens, n, hit_eos, log_probs, cache, logits
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10), donate_argnums=3)
+@functools.partial(
+    jax.jit, static_argnums=(0, 6, 7, 8, 9, 10), static_argnames="keep_marks", donate_argnums=3
+)
 def generate_steps(
     graphdef,
     state,
@@ -197,15 +199,17 @@ def generate_steps(
     eos_ids: tuple[int, ...],
     min_confidence=None,
     step_limit=None,
+    *,
+    keep_marks: bool = True,
 ):
     """Up to `max_steps` steps per row in one device loop (a draft window): no host round trip
     between steps. A row stops after EOS, after `max_steps` steps, once it has written `budget`
     `[batch]` tokens, or after a step in which it drew a token with probability below
     `min_confidence` (a traced scalar, or None: not tracked, no softmax per token; the step is
     kept: it is the one to check, and what the row would write after it is likely to be thrown
-    away). Each step ends as in
-    `generate_step`. `step_limit` (traced, at most `max_steps`) lowers the step count without
-    a new program.
+    away). Each step ends as in `generate_step`. `step_limit` (traced, at most `max_steps`)
+    lowers the step count without a new program. Without `keep_marks` the marks are a
+    `[batch, 1, vocab]` placeholder (callers that never roll back to a step's end).
 
     Returns tokens `[batch, max_steps * max_step_tokens]` (-1 past the end), ends `[batch,
     max_steps]` (tokens written through each step, 0 for steps not written), the number of steps
@@ -240,7 +244,8 @@ def generate_steps(
         # Rows whose step did not end write to an index past the end (dropped).
         slot = jnp.where(step_ends, steps, max_steps + 1)
         ends = ends.at[rows, slot].set(n, mode="drop")
-        marks = marks.at[rows, slot + 1].set(logits, mode="drop")
+        if keep_marks:
+            marks = marks.at[rows, slot + 1].set(logits, mode="drop")
         steps = steps + step_ends
         in_step = jnp.where(step_ends, 0, in_step)
         doubtful = False if min_confidence is None else sure < min_confidence
@@ -260,7 +265,9 @@ def generate_steps(
         jnp.ones((b,), jnp.float32),
         zeros,
         jnp.zeros((b, max_steps), jnp.int32),
-        jnp.zeros((b, max_steps + 1, vocab), logits.dtype).at[:, 0].set(logits),
+        jnp.zeros((b, max_steps + 1 if keep_marks else 1, vocab), logits.dtype)
+        .at[:, 0]
+        .set(logits),
         cache,
         logits,
         key,
@@ -459,12 +466,13 @@ class ModelRunner:
         max_step_tokens: int,
         sampling: Sampling = GREEDY,
         min_confidence: float | None = None,
+        keep_marks: bool = True,
     ) -> tuple[list[list[int]], jax.Array, Session]:
         """Up to `max_steps` steps of a one-row session in one device call (`generate_steps`),
         stopping after EOS, once `budget` tokens are written or after a step with a token drawn
-        at probability below `min_confidence`. Returns (the steps as token
-        lists, marks `[1, max_steps + 1, vocab]`: the logits before each step and after the
-        last, the session after the steps). Donates `session`."""
+        at probability below `min_confidence`. Returns (the steps as token lists, marks `[1,
+        max_steps + 1, vocab]`: the logits before each step and after the last, or a placeholder
+        without `keep_marks`, the session after the steps). Donates `session`."""
         tokens, ends, count, marks, cache, logits = generate_steps(
             self.graphdef,
             self.state,
@@ -478,6 +486,7 @@ class ModelRunner:
             self.stop_ids,
             self.eos_ids,
             None if min_confidence is None else np.float32(min_confidence),
+            keep_marks=keep_marks,
         )
         tokens, ends = np.asarray(tokens)[0], np.asarray(ends)[0, : int(np.asarray(count)[0])]
         starts = np.concatenate([[0], ends[:-1]]).astype(int)
