@@ -22,7 +22,7 @@ from hf_reference import (
 from dreamr_jax.models.generate import generate
 from dreamr_jax.models.hf_io import load_pretrained
 from dreamr_jax.models.sampling import Sampling
-from dreamr_jax.models.text import attention
+from dreamr_jax.models.text import attention, attention_upto
 
 NEW_TOKENS = 32
 
@@ -148,3 +148,24 @@ def test_attention_over_the_cache_layout_equals_a_numpy_reference(t):
         want[:, :, h] = np.einsum("bts,bsd->btd", probs, v[:, h // group])
     got = np.asarray(attention(q, k, v, mask))
     np.testing.assert_allclose(got, want.reshape(b, t, heads * d), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("extent", [1, 4, 5, 9, 10])
+def test_attention_upto_reads_only_the_blocks_in_use_and_equals_full_attention(extent):
+    """`attention_upto` on a stacked cache (10 slots in blocks of 4: branches of 4, 8 and 10
+    slots) gives what `attention` over every slot gives, when the slots past `extent` are
+    masked, for extents in each block and on a block's edge; and it really ignores those slots
+    (garbage in them, NaN included, changes nothing)."""
+    layers, b, heads, kv_heads, d, slots, t = 2, 2, 4, 2, 8, 10, 3
+    rng = np.random.default_rng(extent)
+    q = rng.standard_normal((b, t, heads, d)).astype(np.float32)
+    k = rng.standard_normal((layers, b, kv_heads, slots, d)).astype(np.float32)
+    v = rng.standard_normal((layers, b, kv_heads, slots, d)).astype(np.float32)
+    mask = (rng.random((b, t, slots)) < 0.7) & (np.arange(slots) < extent)
+    mask[..., 0] = True
+    want = np.asarray(attention(q, k[1], v[1], mask))
+    block_of = -(-extent // 4) * 4
+    k[:, :, :, block_of:] = np.nan  # unread when extent leaves the last blocks out
+    v[:, :, :, block_of:] = np.nan
+    got = np.asarray(attention_upto(q, k, v, mask, np.int32(extent), 1, block=4))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

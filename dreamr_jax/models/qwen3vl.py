@@ -19,7 +19,7 @@ from dreamr_jax.models.inputs import ModelInputs, prepare_inputs, prepare_vision
 from dreamr_jax.models.kv_cache import KVCache
 from dreamr_jax.models.layers import Linear
 from dreamr_jax.models.rope import text_rope
-from dreamr_jax.models.text import TextModel, attention
+from dreamr_jax.models.text import TextModel, attention, attention_upto
 from dreamr_jax.models.vision import VisionModel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -103,6 +103,7 @@ class Qwen3VL(nnx.Module):
                 allowed = jnp.take_along_axis(inputs.chunk_mask, index, axis=2)
                 mask = jnp.where(in_chunk[:, None, :], allowed & valid[:, None, :], mask)
             new_k, new_v = cache.k, cache.v
+            extent = jnp.max(cache.length) + t  # past the last slot any query sees
 
         def attend_in_chunk(q, k, v):  # keys `[batch, t, kv_heads, head_dim]`: to heads first
             return attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
@@ -119,7 +120,7 @@ class Qwen3VL(nnx.Module):
                     at = (i, rows, slice(None), query_slot)
                     new_k = new_k.at[at].set(k.astype(new_k.dtype), mode="drop")
                     new_v = new_v.at[at].set(v.astype(new_v.dtype), mode="drop")
-                    return attention(q, new_k[i], new_v[i], mask)
+                    return attention_upto(q, new_k, new_v, mask, extent, i)
 
             x = layer(x, cos, sin, attend)
             if deepstack is not None and i < deepstack.shape[0]:

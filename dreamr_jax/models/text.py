@@ -37,6 +37,34 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
+def attention_upto(q, k, v, mask, extent, layer: int, block: int = 128) -> jax.Array:
+    """`attention` of one layer of a stacked cache (k, v `[layers, batch, kv_heads, slots,
+    head_dim]`) over its first slots only: the smallest multiple of `block` slots holding
+    `extent` (a traced scalar, the highest slot any query sees, plus one).
+
+    Slots past `extent` are masked out for every query, so they add exact zeros, but reading
+    them costs as much as reading the used ones: with the shipped DigitMath pair's 384-slot
+    caches (rarely more than 170 in use) the target alone ran 17% faster this way and dreamr
+    11% (same-process A/B on 80 problems). The cut is a `lax.switch` over the few block
+    counts: one program, each call paying for the blocks it uses. The branches take the whole
+    stack and slice it themselves: a layer sliced out before the switch is a copy of that
+    layer for every call (that doubled the target's decode time).
+    """
+    keys = k.shape[3]
+    sizes = [min(keys, block * (j + 1)) for j in range(-(-keys // block))]
+    if len(sizes) == 1:
+        return attention(q, k[layer], v[layer], mask)
+
+    def first(n):
+        def attend(q, k, v, mask):
+            return attention(q, k[layer, :, :, :n], v[layer, :, :, :n], mask[..., :n])
+
+        return attend
+
+    index = jnp.clip((extent - 1) // block, 0, len(sizes) - 1)
+    return jax.lax.switch(index, [first(n) for n in sizes], q, k, v, mask)
+
+
 class TextAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
