@@ -494,6 +494,9 @@ class ServeConfig:
     output: str = "runs/serve/output.jsonl"
     seed: int = 0
     warmup: int = 2  # problems solved (and discarded) first, so compilation is not timed
+    # Compiled programs persist here across runs (empty = off): a second `python serve.py`
+    # skips the ~25 s of compilation. Entries are keyed by program and JAX version.
+    compilation_cache: str | None = "~/.cache/dreamr_jax/xla"
 
     def validate(self, prefix: str = "") -> None:
         self.target.validate("target")
