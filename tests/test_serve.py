@@ -92,7 +92,7 @@ def test_killed_run_resumes_every_id_exactly_once(data_dir, models, tmp_path):
         f"output={out}",
         "spec.mode=dreamr",
         "warmup=0",
-        *models[:-1],
+        *(m for m in models if not m.startswith("compilation_cache=")),
         # A cache that the kill may leave half-written, read by the rerun.
         f"compilation_cache={tmp_path / 'xla'}",
     ]
