@@ -467,7 +467,7 @@ class Engine:
             self.target.eos_ids,
             self.target.pad_id,
         )
-        out, n, passes, proposed = speculate_exact(
+        results = speculate_exact(
             self.target.graphdef,
             self.target.state,
             self.draft.graphdef,
@@ -479,7 +479,8 @@ class Engine:
             shape,
             np.float32(s.draft_confidence),
         )
-        tokens = np.asarray(out)[: int(n)].tolist()
+        out, n, passes, proposed = jax.device_get(results)  # one host read for the whole chain
+        tokens = out[: int(n)].tolist()
         # Every committed token is the target's own choice; the draft's rejected steps are not
         # kept (the host loop records them).
         return Solution(tokens, self._split_steps(tokens), int(proposed), 0, int(passes))

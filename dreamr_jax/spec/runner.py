@@ -488,7 +488,8 @@ class ModelRunner:
             None if min_confidence is None else np.float32(min_confidence),
             keep_marks=keep_marks,
         )
-        tokens, ends = np.asarray(tokens)[0], np.asarray(ends)[0, : int(np.asarray(count)[0])]
+        tokens, ends, count = jax.device_get((tokens, ends, count))  # one host read
+        tokens, ends = tokens[0], ends[0, : int(count[0])]
         starts = np.concatenate([[0], ends[:-1]]).astype(int)
         steps = [tokens[s:e].tolist() for s, e in zip(starts, ends, strict=True)]
         return steps, marks, Session(cache, logits)
