@@ -18,6 +18,7 @@ from dreamr_jax.config import (
     load_config,
     save_config,
 )
+from dreamr_jax.config.schema import ServeConfig
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 TINY = MODELS_DIR / "tiny.yaml"
@@ -421,3 +422,40 @@ def test_custom_root_class_with_optionals_and_nesting(tmp_path):
 def test_custom_root_class_errors(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override], cls=_Root)
+
+
+@pytest.mark.parametrize(
+    "cls, override, key",
+    [
+        (Config, "train.batch_size=1000000", "train.batch_size"),
+        (Config, "eval.batch_size=0", "eval.batch_size"),
+        (Config, "eval.max_new_tokens=10000000", "eval.max_new_tokens"),
+        (Config, "data.seq_len=10000000", "data.seq_len"),
+        (Config, "data.max_image_patches=0", "data.max_image_patches"),
+        (Config, "data.judge_branches=65", "data.judge_branches"),
+        (ServeConfig, "spec.window=1000000000", "spec.window"),
+        (ServeConfig, "spec.max_step_tokens=8193", "spec.max_step_tokens"),
+        (ServeConfig, "spec.max_new_tokens=262145", "spec.max_new_tokens"),
+        (ServeConfig, "spec.sd_tokens=100000", "spec.sd_tokens"),
+        (ServeConfig, "data.max_image_pixels=0", "data.max_image_pixels"),
+        (ServeConfig, "data.max_images=257", "data.max_images"),
+        (ServeConfig, "data.digitmath_problems=100000000", "data.digitmath_problems"),
+        (ServeConfig, "warmup=101", "warmup"),
+    ],
+)
+def test_values_that_size_memory_are_bounded(cls, override, key):
+    with pytest.raises(ConfigError, match=rf"command line: {key.replace('.', '[.]')}: must be in"):
+        load_config(None, [override], cls=cls)
+    value = int(override.split("=")[1])
+    load_config(None, [f"{key}={min(max(value, 1), 8)}"], cls=cls)  # a small value passes
+
+
+def test_one_verification_pass_is_bounded_as_a_whole():
+    load_config(None, ["spec.window=64", "spec.max_step_tokens=4096"], cls=ServeConfig)
+    with pytest.raises(ConfigError, match=r"spec\.window: 64 steps .* exceed 262,144 tokens"):
+        load_config(None, ["spec.window=64", "spec.max_step_tokens=8192"], cls=ServeConfig)
+
+
+def test_a_config_path_that_is_a_folder_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a YAML config file"):
+        load_config(str(tmp_path))

@@ -147,6 +147,10 @@ def _read_yaml(path: str, referrer: str | None) -> dict[str, Any]:
     except FileNotFoundError:
         via = f" (the {BASE_CONFIG_KEY} of {referrer})" if referrer else ""
         raise ConfigError(f"{path}: config file not found{via}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a YAML config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if data is None:

@@ -12,9 +12,28 @@ from dataclasses import dataclass, field
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
+# Upper bounds of the values that size memory (see `_check_size`): generous for real models
+# (Qwen3-VL's context is 262,144 positions), far below what exhausts a host.
+MAX_TOKENS = 262_144  # tokens in a sequence, a chain or one pass
+MAX_STEP_TOKENS = 8_192  # tokens in one reasoning step or proposal
+MAX_STEPS_PER_PASS = 64  # steps one verification pass holds (W; judge branches)
+MAX_BATCH = 65_536  # rows of a batch
+MAX_PATCHES = 1 << 20  # image patches of one example
+MAX_IMAGE_PIXELS = 1 << 30  # pixels of one image (PIL refuses past 2 * 89,478,485 anyway)
+MAX_IMAGES = 256  # images of one record
+MAX_WARMUP = 100  # problems solved before serving
+
 
 def _fail(key: str, message: str) -> None:
     raise ValueError(f"{key}: {message}")
+
+
+def _check_size(key: str, value: int, most: int, what: str) -> None:
+    """A value that sizes memory: positive and at most `most`, checked before anything is
+    allocated (an unbounded value passes every other check and then asks the allocator for
+    terabytes)."""
+    if not 1 <= value <= most:
+        _fail(key, f"must be in [1, {most:,}] ({what}), got {value:,}")
 
 
 def _check_dtype(key: str, dtype: str) -> None:
@@ -231,9 +250,10 @@ class TrainConfig:
     log_every: int = 10
 
     def validate(self, prefix: str = "train") -> None:
-        for name in ("steps", "batch_size", "save_every", "keep_checkpoints", "log_every"):
+        for name in ("steps", "save_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) <= 0:
                 _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        _check_size(f"{prefix}.batch_size", self.batch_size, MAX_BATCH, "examples in a step")
         if self.learning_rate <= 0:
             _fail(f"{prefix}.learning_rate", f"must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_steps < self.steps:
@@ -314,9 +334,15 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         if self.dataset != "digitmath":
             _fail(f"{prefix}.dataset", f"unknown dataset {self.dataset!r} (known: digitmath)")
-        for name in ("train_problems", "seq_len", "max_image_patches"):
-            if getattr(self, name) <= 0:
-                _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        if self.train_problems <= 0:
+            _fail(f"{prefix}.train_problems", f"must be positive, got {self.train_problems}")
+        _check_size(f"{prefix}.seq_len", self.seq_len, MAX_TOKENS, "tokens in an example")
+        _check_size(
+            f"{prefix}.max_image_patches",
+            self.max_image_patches,
+            MAX_PATCHES,
+            "patches in an example",
+        )
         if self.val_problems < 0 or self.data_seed < 0:
             _fail(prefix, "val_problems and data_seed must be non-negative")
         fractions = (
@@ -337,8 +363,11 @@ class DataConfig:
             _fail(f"{prefix}.read_loss_weight", "must be positive")
         if self.content_error_weight <= 0:
             _fail(f"{prefix}.content_error_weight", "must be positive")
-        if self.judge_branches < 0:
-            _fail(f"{prefix}.judge_branches", f"must be >= 0, got {self.judge_branches}")
+        if not 0 <= self.judge_branches <= MAX_STEPS_PER_PASS:
+            _fail(
+                f"{prefix}.judge_branches",
+                f"must be in [0, {MAX_STEPS_PER_PASS}], got {self.judge_branches}",
+            )
         if self.read_pairs and not self.judge_branches:
             _fail(f"{prefix}.read_pairs", "needs judge_branches > 0 (pairs are judge branches)")
         if not 0 <= self.draft_mistake_problems <= self.train_problems:
@@ -365,9 +394,10 @@ class EvalConfig:
     judge: bool = False  # also measure the AUROC of the CPN score on correct vs corrupted steps
 
     def validate(self, prefix: str = "eval") -> None:
-        for name in ("batch_size", "max_new_tokens"):
-            if getattr(self, name) <= 0:
-                _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        _check_size(f"{prefix}.batch_size", self.batch_size, MAX_BATCH, "problems in a pass")
+        _check_size(
+            f"{prefix}.max_new_tokens", self.max_new_tokens, MAX_TOKENS, "tokens in a chain"
+        )
         if self.problems < 0:
             _fail(f"{prefix}.problems", "must be non-negative")
 
@@ -408,9 +438,22 @@ class SpecConfig:
             _fail(f"{prefix}.draft_confidence", f"must be in [0, 1], got {self.draft_confidence}")
         if not 0 <= self.format_floor < 1:
             _fail(f"{prefix}.format_floor", f"must be in [0, 1), got {self.format_floor}")
-        for name in ("window", "max_step_tokens", "max_new_tokens", "sd_tokens"):
-            if getattr(self, name) <= 0:
-                _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
+        _check_size(
+            f"{prefix}.window", self.window, MAX_STEPS_PER_PASS, "steps in one verification pass"
+        )
+        _check_size(
+            f"{prefix}.max_step_tokens", self.max_step_tokens, MAX_STEP_TOKENS, "tokens in a step"
+        )
+        _check_size(
+            f"{prefix}.max_new_tokens", self.max_new_tokens, MAX_TOKENS, "tokens in a chain"
+        )
+        _check_size(f"{prefix}.sd_tokens", self.sd_tokens, MAX_STEP_TOKENS, "tokens in a proposal")
+        if self.window * self.max_step_tokens > MAX_TOKENS:
+            _fail(
+                f"{prefix}.window",
+                f"{self.window} steps of up to max_step_tokens={self.max_step_tokens} exceed "
+                f"{MAX_TOKENS:,} tokens in one verification pass",
+            )
         if not 0 <= self.score_threshold <= 9:
             _fail(f"{prefix}.score_threshold", f"must be in 0-9, got {self.score_threshold}")
         if self.temperature < 0:
@@ -474,12 +517,17 @@ class ServeDataConfig:
     input: str = ""
     limit: int = 0  # 0 = every record
     digitmath_problems: int = 200
+    # Per-record limits: a record over them gets an `error` line (checked from the image file's
+    # header, before anything is decoded)
+    max_image_pixels: int = 40_000_000  # width x height of one image
+    max_images: int = 16  # images in one record
 
     def validate(self, prefix: str = "data") -> None:
         if self.limit < 0:
             _fail(f"{prefix}.limit", f"must be >= 0, got {self.limit}")
-        if self.digitmath_problems <= 0:
-            _fail(f"{prefix}.digitmath_problems", "must be positive")
+        _check_size(f"{prefix}.digitmath_problems", self.digitmath_problems, MAX_BATCH, "problems")
+        _check_size(f"{prefix}.max_image_pixels", self.max_image_pixels, MAX_IMAGE_PIXELS, "pixels")
+        _check_size(f"{prefix}.max_images", self.max_images, MAX_IMAGES, "images in a record")
 
 
 @dataclass(frozen=True)
@@ -497,6 +545,9 @@ class ServeConfig:
     # Compiled programs persist here across runs (empty = off): a second `python serve.py`
     # skips the ~25 s of compilation. Entries are keyed by program and JAX version.
     compilation_cache: str | None = "~/.cache/dreamr_jax/xla"
+    # An output file whose records came from other settings (mode, alpha, models, ...) is
+    # refused unless this is set: its summary would mix them
+    allow_mixed_settings: bool = False
 
     def validate(self, prefix: str = "") -> None:
         self.target.validate("target")
@@ -506,5 +557,5 @@ class ServeConfig:
         self.prompt.validate("prompt")
         if not self.output:
             _fail("output", "must name a JSONL file")
-        if self.warmup < 0:
-            _fail("warmup", "must be >= 0")
+        if not 0 <= self.warmup <= MAX_WARMUP:
+            _fail("warmup", f"must be in [0, {MAX_WARMUP}], got {self.warmup}")
