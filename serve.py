@@ -4,7 +4,9 @@ With no arguments it answers the DigitMath test split with the shipped target/dr
 `dreamr` and prints a summary. Keys: `spec.mode` (target|draft|sd|specreason|lookahead|dreamr),
 `spec.alpha`, `spec.window`, `spec.fallback`, `target.path`, `draft.path`, `data.input` (JSONL),
 `data.limit`, `output` (JSONL), `seed`, ... (see `dreamr_jax/config/schema.py`, ServeConfig).
-Rerunning with the same `output` skips the ids already answered.
+Rerunning with the same `output` skips the ids already answered. A bad record gets an `error`
+line and the batch goes on; exit 2 for a config error, an output another run is writing, or one
+made with other settings; exit 1 when the process itself fails (out of memory, a broken model).
 """
 
 from __future__ import annotations
@@ -23,12 +25,28 @@ def main(argv: list[str] | None = None) -> int:
     path = args.pop(0) if args and "=" not in args[0] else None
     try:
         cfg = load_config(path, args, cls=ServeConfig)
-    except (ConfigError, FileNotFoundError) as error:
+    except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from dreamr_jax.serve.batch import ServeFailure
     from dreamr_jax.serve.main import run
+    from dreamr_jax.serve.output import MixedSettingsError, OutputInUseError
 
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except (OutputInUseError, MixedSettingsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ServeFailure as error:
+        print(
+            f"error: the run stopped: {error}\nWhat it answered is in {cfg.output}; run the same "
+            "command again to go on.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -1,20 +1,27 @@
-"""serve.py: bad records become error lines without stopping the batch, a killed run resumes with
-every id exactly once, and a bad config fails before any work."""
+"""serve.py keeps its promises under bad input: a bad record becomes its error line without
+stopping the batch, only a failure of the process stops a run, a killed or damaged run's output
+is finished with every id exactly once, one output has one writer and one set of settings, and
+a bad config or path fails before any work."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
+from PIL import Image
 from tiny_pair import make_tiny_pair
 
 import serve
 from dreamr_jax.data import digitmath
+from dreamr_jax.serve import batch
+from dreamr_jax.spec.engine import Engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,44 +50,190 @@ def data_dir(tmp_path_factory):
     return folder
 
 
-def test_bad_records_get_errors_and_the_batch_goes_on(data_dir, models, tmp_path):
-    good = _records(data_dir / "test.jsonl")[:2]
-    (data_dir / "images" / "broken.png").write_bytes(b"not a png")
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a size and holds almost nothing: PIL reads the size from the header,
+    so the test needs no gigapixel image to poison a record."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
+
+
+def test_poison_records_get_errors_and_the_batch_goes_on(data_dir, models, tmp_path):
+    good = _records(data_dir / "test.jsonl")[:3]
+    images = data_dir / "images"
+    (images / "broken.png").write_bytes(b"not a png")
+    Image.new("L", (4000, 10)).save(images / "wide.png")  # aspect ratio 400: processor refuses
+    (images / "bomb.png").write_bytes(_png_header(14000, 13000))  # PIL's DecompressionBombError
+    (images / "large.png").write_bytes(_png_header(7000, 7000))  # over data.max_image_pixels
+    (images / "folder.png").mkdir()
+    image = good[0]["image"]
+    poison = {
+        "line-2": '{"id": "torn", "question": ',
+        "no-question": {"id": "no-question", "image": image},
+        "no-image-field": {"id": "no-image-field", "question": "What?"},
+        "missing-file": {"id": "missing-file", "image": "images/nope.png", "question": "Q?"},
+        "unreadable": {"id": "unreadable", "image": "images/broken.png", "question": "Q?"},
+        "line-7": {"image": image, "question": "no id"},
+        "too-long": {**good[0], "id": "too-long", "question": "seven " * 5000},
+        "wide": {**good[0], "id": "wide", "image": "images/wide.png"},
+        "bomb": {**good[0], "id": "bomb", "image": "images/bomb.png"},
+        "large": {**good[0], "id": "large", "image": "images/large.png"},
+        "surrogate": {**good[0], "id": "surrogate", "question": "\ud800"},
+        "many-images": {**good[0], "id": "many-images", "image": [image] * 17},
+        "folder": {**good[0], "id": "folder", "image": "images/folder.png"},
+        "image-number": {**good[0], "id": "image-number", "image": 7},
+        "line-17": {**good[1]},  # good[1]'s id again
+    }
     lines = [json.dumps(good[0])]
-    lines.append('{"id": "torn", "question": ')  # malformed JSON
-    lines.append(json.dumps({"id": "no-question", "image": good[0]["image"]}))
-    lines.append(json.dumps({"id": "no-image-field", "question": "What?"}))
-    lines.append(json.dumps({"id": "missing-file", "image": "images/nope.png", "question": "Q?"}))
-    lines.append(json.dumps({"id": "unreadable", "image": "images/broken.png", "question": "Q?"}))
-    lines.append(json.dumps({"image": good[0]["image"], "question": "no id"}))
-    lines.append(json.dumps({**good[0], "id": "too-long", "question": "seven " * 5000}))
-    lines.append(json.dumps(good[1]))
+    lines += [p if isinstance(p, str) else json.dumps(p) for p in list(poison.values())[:-1]]
+    lines += [json.dumps(good[1]), json.dumps(poison["line-17"]), json.dumps(good[2])]
     path = data_dir / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
-    args = [f"data.input={path}", f"output={out}", "spec.mode=target", "warmup=0", *models]
+    args = [f"data.input={path}", f"output={out}", "spec.mode=target", "warmup=1", *models]
     assert serve.main(args) == 0
     records = {r["id"]: r for r in _records(out)}
-    assert len(records) == 9
-    for rid in (good[0]["id"], good[1]["id"]):
-        assert "error" not in records[rid] and records[rid]["correct"] in (True, False)
-        assert "output" in records[rid] and records[rid]["steps"]
+    assert len(records) == len(lines) == len(poison) + 3
+    for record in good:
+        answered = records[record["id"]]
+        assert "error" not in answered and answered["correct"] in (True, False)
+        assert answered["output"] and answered["steps"]
     errors = {rid: r["error"] for rid, r in records.items() if "error" in r}
-    assert "malformed JSON" in errors["line-2"]
-    assert "'question'" in errors["no-question"]
-    assert "'image'" in errors["no-image-field"]
-    assert "not found: images/nope.png" in errors["missing-file"]
-    assert "unreadable image images/broken.png" in errors["unreadable"]
-    assert "'id'" in errors["line-7"]
-    assert "exceeds the model's limit" in errors["too-long"]
+    assert set(errors) == set(poison)
+    expected = {
+        "line-2": "malformed JSON",
+        "no-question": "'question'",
+        "no-image-field": "'image'",
+        "missing-file": "not found: images/nope.png",
+        "unreadable": "unreadable image images/broken.png",
+        "line-7": "'id'",
+        "too-long": "exceeds the model's limit",
+        "wide": "field 'image': ValueError: absolute aspect ratio",
+        "bomb": "image images/bomb.png is too large to decode",
+        "large": "7000x7000 = 49,000,000 pixels, over data.max_image_pixels",
+        "surrogate": "field 'question' is not valid Unicode",
+        "many-images": "17 images, over data.max_images=16",
+        "folder": "unreadable image images/folder.png",
+        "image-number": "field 'image' must be a path",
+        "line-17": f"duplicate id '{good[1]['id']}' (first used on line 16)",
+    }
+    for rid, fragment in expected.items():
+        assert fragment in errors[rid], (rid, errors[rid])
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
-    assert summary["n"] == 9 and summary["n_errors"] == 7 and summary["mode"] == "target"
+    assert summary["n"] == len(lines) and summary["n_errors"] == len(poison)
+    assert summary["mode"] == "target" and summary["settings"]["spec"]["mode"] == "target"
+    # A rerun answers nothing again: every id, the duplicate's line key included, is done.
+    assert serve.main(args) == 0
+    assert [r["id"] for r in _records(out)] == list(records)
 
 
-def test_bad_config_fails_before_any_work(tmp_path):
-    out = tmp_path / "never.jsonl"
-    assert serve.main([f"output={out}", "spec.window=0"]) == 2
-    assert not out.exists()
+def test_no_warm_up_when_every_record_is_an_error(data_dir, models, tmp_path, monkeypatch):
+    def fail(*_):
+        raise AssertionError("warmed up for nothing")
+
+    monkeypatch.setattr(batch, "warm_up", fail)
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "a", "question": "Q?"}\nnot json\n')
+    out = tmp_path / "out.jsonl"
+    args = [f"data.input={path}", f"output={out}", "spec.mode=target", "warmup=2", *models]
+    assert serve.main(args) == 0
+    assert [("error" in r) for r in _records(out)] == [True, True]
+
+
+def test_a_process_failure_stops_the_run_and_keeps_what_was_answered(
+    data_dir, models, tmp_path, monkeypatch, capsys
+):
+    answer = Engine.answer
+    calls = []
+
+    def runs_out_of_memory_once(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("host out of memory")
+        return answer(self, *args)
+
+    monkeypatch.setattr(Engine, "answer", runs_out_of_memory_once)
+    out = tmp_path / "out.jsonl"
+    args = [f"data.input={data_dir / 'test.jsonl'}", f"output={out}", "warmup=0", *models]
+    assert serve.main([*args, "spec.mode=target", "data.limit=3"]) == 1
+    message = capsys.readouterr().err
+    assert "the run stopped: record 'test-00001' (line 2): MemoryError" in message
+    assert "run the same command again" in message
+    assert [r["id"] for r in _records(out)] == ["test-00000"]  # nothing recorded for test-00001
+    assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["n"] == 1
+    assert not (tmp_path / "out.jsonl.lock").exists()
+    assert serve.main([*args, "spec.mode=target", "data.limit=3"]) == 0
+    assert [r["id"] for r in _records(out)] == [f"test-{i:05d}" for i in range(3)]
+
+
+def test_a_damaged_output_line_is_moved_out_and_its_id_answered_again(data_dir, models, tmp_path):
+    out = tmp_path / "out.jsonl"
+    args = [
+        f"data.input={data_dir / 'test.jsonl'}",
+        f"output={out}",
+        "spec.mode=target",
+        "warmup=0",
+        "data.limit=4",
+        *models,
+    ]
+    assert serve.main(args) == 0
+    lines = out.read_text().splitlines()
+    middle = lines[1][: len(lines[1]) // 2]  # test-00001, cut in the middle
+    edited = {**json.loads(lines[2]), "latency_s": "slow"}  # test-00002, unusable by hand
+    out.write_text("\n".join([lines[0], middle, json.dumps(edited), lines[3], lines[0]]) + "\n")
+    assert serve.main(args) == 0
+    ids = [r["id"] for r in _records(out)]
+    assert sorted(ids) == [f"test-{i:05d}" for i in range(4)]
+    damaged = (tmp_path / "out.jsonl.damaged").read_text().splitlines()
+    assert damaged == [middle, json.dumps(edited), lines[0]]
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert summary["n"] == 4 and summary["n_errors"] == 0 and summary["lines_moved"] == 3
+
+
+def test_an_output_of_other_settings_is_refused_unless_asked(data_dir, models, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    args = [f"data.input={data_dir / 'test.jsonl'}", f"output={out}", "warmup=0", "data.limit=2"]
+    assert serve.main([*args, *models, "spec.mode=target"]) == 0
+    before = out.read_text()
+    assert serve.main([*args, *models, "spec.mode=draft"]) == 2
+    assert "spec.mode: 'target' there, 'draft' now" in capsys.readouterr().err
+    assert out.read_text() == before
+    mixed = [*args, *models, "spec.mode=draft", "allow_mixed_settings=true", "data.limit=3"]
+    assert serve.main(mixed) == 0
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert summary["mode"] == "mixed" and summary["n"] == 3
+    groups = [(g["records"], g["settings"]["spec"]["mode"]) for g in summary["settings"]]
+    assert groups == [(2, "target"), (1, "draft")]
+
+
+def test_two_runs_on_one_output_one_refuses_the_other_finishes(data_dir, models, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    args = [
+        f"data.input={data_dir / 'test.jsonl'}",
+        f"output={out}",
+        "spec.mode=target",
+        "warmup=0",
+        *models,
+    ]
+    cmd = [sys.executable, "serve.py", *args]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = tmp_path / "out.jsonl.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):
+        time.sleep(0.01)
+    # The second run, in this process (JAX already imported), tries while the first one is still
+    # loading its models.
+    assert serve.main(args) == 2
+    assert first.wait(timeout=300) == 0
+    message = f"output {out} is being written by another serve.py run (pid {first.pid}"
+    assert message in capsys.readouterr().err
+    ids = [r["id"] for r in _records(out)]
+    assert sorted(ids) == [f"test-{i:05d}" for i in range(8)]
 
 
 def test_killed_run_resumes_every_id_exactly_once(data_dir, models, tmp_path):
@@ -106,8 +259,37 @@ def test_killed_run_resumes_every_id_exactly_once(data_dir, models, tmp_path):
     proc.wait()
     partial = len(_records(out)) if out.exists() else 0
     assert 0 < partial < 8, "the run should be killed mid-batch"
+    assert (tmp_path / "resume.jsonl.lock").exists(), "the killed run leaves a stale lock file"
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = _records(out)
     ids = [r["id"] for r in records]
     assert sorted(ids) == sorted(f"test-{i:05d}" for i in range(8))
     assert all("error" not in r and "output" in r and "latency_s" in r for r in records)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("spec.window=1000000000", "spec.window"),
+        ("spec.max_new_tokens=0", "spec.max_new_tokens"),
+        ("target.path={missing}", "target.path"),
+        ("draft.path={tmp}", "draft.path"),  # a folder without config.json
+        ("data.input={tmp}", "data.input"),
+        ("data.input={missing}", "data.input"),
+        ("output={tmp}", "output"),
+        ("output={file}/out.jsonl", "output"),  # its folder is a file
+    ],
+)
+def test_bad_config_or_path_fails_before_any_work(override, key, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    override = override.format(missing=tmp_path / "nope", tmp=tmp_path, file=tmp_path / "file")
+    out = tmp_path / "never.jsonl"
+    assert serve.main([f"output={out}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: ") and f"{key}: " in err
+    assert not out.exists() and not (tmp_path / "digitmath-test").exists()
+
+
+def test_a_config_path_that_is_a_folder_is_a_config_error(tmp_path, capsys):
+    assert serve.main([str(tmp_path), f"output={tmp_path / 'out.jsonl'}"]) == 2
+    assert "is a folder, not a YAML config file" in capsys.readouterr().err

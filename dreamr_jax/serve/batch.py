@@ -1,92 +1,75 @@
 """Batch inference behind serve.py: JSONL in, JSONL out, resumable, robust to bad records.
 
-Input records: `{"id", "image": path | [paths], "question", "answer"?}` (paths relative to the
-input file's folder). Each output line is written and flushed as soon as its record is done, so a
-killed run loses at most the line being written; a rerun with the same output drops a torn last
-line, skips every id already there and appends the rest. A record that cannot be processed
-(malformed JSON, a missing field, a missing or unreadable image, a prompt too long for the model)
-gets an output line with `error` and the batch goes on.
+Each output line is written and flushed as soon as its record is done, so a killed run loses at
+most the line being written; a rerun with the same output finishes what is missing (output.py
+reads the file back, whatever happened to it). Everything that reads, decodes, preprocesses,
+tokenizes or answers one record runs inside one guard: any exception there becomes that record's
+`error` line (naming the field or stage) and the batch goes on. Only failures of the process
+itself stop the run (`ServeFailure`): the device or the host out of memory, a runtime error of
+the device, or models that cannot answer a known-good problem in the warm-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from PIL import Image
+import jax
 from tqdm import tqdm
 
 from dreamr_jax.config.schema import ServeConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
-from dreamr_jax.spec.engine import Engine, PromptTooLongError, Solution
+from dreamr_jax.models.processor import process_images
+from dreamr_jax.serve.output import (
+    OutputLock,
+    check_settings,
+    recover_output,
+    run_settings,
+    summarize,
+    write_summary,
+)
+from dreamr_jax.serve.records import (
+    InputRecord,
+    RecordError,
+    image_paths,
+    load_image,
+    question_of,
+    read_records,
+)
+from dreamr_jax.spec.engine import Engine, Solution
 
 
-class RecordError(ValueError):
-    """A problem with one input record; becomes that record's `error`."""
+class ServeFailure(RuntimeError):
+    """The process itself failed; the run stops (what it answered stays in the output)."""
 
 
-def read_records(path: str) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(id, record, error) per non-empty line; unparsable lines get id `line-<n>`."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"line-{number}", None, f"line {number}: malformed JSON ({e.msg})"
-                continue
-            if not isinstance(record, dict):
-                yield f"line-{number}", None, f"line {number}: a record must be a JSON object"
-                continue
-            rid = record.get("id")
-            if not isinstance(rid, str) or not rid:
-                yield f"line-{number}", None, f"line {number}: missing or non-string field 'id'"
-                continue
-            yield rid, record, None
+def is_process_failure(error: BaseException) -> bool:
+    """Errors no record can cause on its own: out of memory, or the device runtime failing."""
+    return isinstance(error, MemoryError | jax.errors.JaxRuntimeError)
 
 
-def load_images(record: dict, folder: Path) -> list[Image.Image]:
-    paths = record.get("image")
-    if paths is None:
-        raise RecordError("missing field 'image'")
-    paths = [paths] if isinstance(paths, str) else paths
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-        raise RecordError("field 'image' must be a path or a non-empty list of paths")
-    images = []
-    for p in paths:
-        full = folder / p
-        try:
-            with Image.open(full) as image:
-                images.append(image.convert("RGB"))
-        except FileNotFoundError:
-            raise RecordError(f"image not found: {p}") from None
-        except OSError as e:
-            raise RecordError(f"unreadable image {p}: {e}") from None
-    return images
+@contextlib.contextmanager
+def blame(where: str) -> Iterator[None]:
+    """Turns any exception of the block into a `RecordError` that says where it happened;
+    process failures pass through unchanged."""
+    try:
+        yield
+    except RecordError:
+        raise
+    except Exception as e:
+        if is_process_failure(e):
+            raise
+        raise RecordError(f"{where}: {type(e).__name__}: {e}") from e
 
 
-def finished_ids(path: str) -> set[str]:
-    """Ids already in the output; a torn last line (killed mid-write) is cut off."""
-    if not os.path.exists(path):
-        return set()
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    done = set()
-    for line in data[:end].splitlines():
-        try:
-            done.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return done
+def printable(text: str) -> str:
+    """`text` with lone surrogates escaped, so that a log line cannot fail to print."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def solution_record(engine: Engine, rid: str, record: dict, sol: Solution) -> dict:
@@ -106,20 +89,8 @@ def solution_record(engine: Engine, rid: str, record: dict, sol: Solution) -> di
     }
     if record.get("answer") is not None:
         out["answer"] = str(record["answer"])
-        out["correct"] = digitmath.is_correct(prediction, str(record["answer"]))
+        out["correct"] = digitmath.is_correct(prediction, out["answer"])
     return out
-
-
-def process(engine: Engine, rid: str, record: dict, folder: Path) -> dict:
-    question = record.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise RecordError("missing or empty field 'question'")
-    images = load_images(record, folder)
-    try:
-        solution = engine.solve(question, images)
-    except PromptTooLongError as e:
-        raise RecordError(str(e)) from None
-    return solution_record(engine, rid, record, solution)
 
 
 def warm_up(engine: Engine, n: int) -> None:
@@ -128,63 +99,106 @@ def warm_up(engine: Engine, n: int) -> None:
         engine.warm_up(problem.question, [problem_image(problem)])
 
 
-def serve(cfg: ServeConfig, engine: Engine, input_path: str, progress: bool = True) -> dict:
-    """Answers every record of `input_path` not yet in `cfg.output`; returns the summary."""
-    folder = Path(input_path).resolve().parent
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-    done = finished_ids(cfg.output)
-    records = list(read_records(input_path))
-    if cfg.data.limit:
-        records = records[: cfg.data.limit]
-    todo, seen = [], set(done)
-    for rid, record, error in records:
-        if rid in seen:
-            continue  # finished in an earlier run (or a duplicate id in the input)
-        seen.add(rid)
-        todo.append((rid, record, error))
-    if todo and cfg.warmup:
-        warm_up(engine, cfg.warmup)
-    started = time.perf_counter()
-    with open(cfg.output, "a", encoding="utf-8") as out:
-        for rid, record, error in tqdm(todo, desc=cfg.spec.mode, disable=not progress or None):
-            if error is None:
-                try:
-                    line = process(engine, rid, record, folder)
-                except RecordError as e:
-                    line = {"id": rid, "error": str(e)}
-            else:
-                line = {"id": rid, "error": error}
-            out.write(json.dumps(line) + "\n")
-            out.flush()
-    return summarize(cfg, time.perf_counter() - started)
+class Answerer:
+    """Answers input records one at a time with one engine, warmed up before the first record
+    that reaches it (so a file of nothing but bad records compiles nothing)."""
+
+    def __init__(self, cfg: ServeConfig, engine: Engine, folder: Path):
+        self.cfg, self.engine, self.folder = cfg, engine, folder
+        self.warmup_s = 0.0
+        self._warm = cfg.warmup == 0
+
+    def __call__(self, item: InputRecord) -> dict:
+        """The output line of one input record: its answer, or its `error`."""
+        if item.error is not None:
+            return {"id": item.id, "error": item.error}
+        try:
+            return self._answer(item.id, item.record)
+        except RecordError as e:
+            return {"id": item.id, "error": str(e)}
+        except Exception as e:
+            if not is_process_failure(e):
+                raise
+            raise ServeFailure(
+                f"record {item.id!r} (line {item.line}): {type(e).__name__}: {e}"
+            ) from e
+
+    def _answer(self, rid: str, record: dict) -> dict:
+        data = self.cfg.data
+        question = question_of(record)
+        paths = image_paths(record, data.max_images)
+        with blame("field 'image'"):
+            images = [load_image(self.folder, p, data.max_image_pixels) for p in paths]
+            started = time.perf_counter()
+            pixels, grid = process_images(self.engine.processor, images)
+        with blame("prompt"):
+            ids, inputs = self.engine.prompt_from_patches(question, pixels, grid)
+        self._warm_up()
+        with blame("answering"):
+            solution = self.engine.answer(ids, inputs, started)
+        with blame("output"):
+            return solution_record(self.engine, rid, record, solution)
+
+    def _warm_up(self) -> None:
+        if self._warm:
+            return
+        began = time.perf_counter()
+        try:
+            warm_up(self.engine, self.cfg.warmup)
+        except Exception as e:
+            raise ServeFailure(
+                f"warm-up failed: the models could not answer a DigitMath problem "
+                f"({type(e).__name__}: {e})"
+            ) from e
+        self._warm = True
+        self.warmup_s = time.perf_counter() - began
 
 
-def summarize(cfg: ServeConfig, run_time_s: float) -> dict:
-    """Summary over every record in the output file; also written to `<output>.summary.json`."""
-    with open(cfg.output, encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    ok = [r for r in lines if "error" not in r]
-    graded = [r for r in ok if "correct" in r]
-    proposed = sum(r["proposed"] for r in ok)
-    latencies = [r["latency_s"] for r in ok]
-    summary = {
-        "mode": cfg.spec.mode,
-        "n": len(lines),
-        "n_errors": len(lines) - len(ok),
-        "n_graded": len(graded),
-        "accuracy": sum(r["correct"] for r in graded) / len(graded) if graded else None,
-        "mean_latency_s": sum(latencies) / len(latencies) if latencies else None,
-        "total_time_s": sum(latencies),
-        "run_time_s": run_time_s,
-        "acceptance_rate": sum(r["accepted"] for r in ok) / proposed if proposed else None,
-        "accepted_per_target_call": (
-            sum(r["accepted"] for r in ok) / max(1, sum(r["target_calls"] for r in ok))
-        ),
-        "tokens_per_s": sum(r["new_tokens"] for r in ok) / max(sum(latencies), 1e-9),
-        "alpha": cfg.spec.alpha,
-        "window": cfg.spec.window,
-        "fallback": cfg.spec.fallback,
-    }
-    with open(cfg.output + ".summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+def serve(
+    cfg: ServeConfig,
+    input_path: str,
+    make_engine: Callable[[], Engine],
+    progress: bool = True,
+) -> dict:
+    """Answers every record of `input_path` not yet in `cfg.output`; returns the summary (also
+    written to `<output>.summary.json`, even when the run stops on a `ServeFailure`).
+
+    Holds the output's lock throughout, reads the output back (reporting the lines it moved
+    out), refuses one made with other settings, and loads the models (`make_engine`) only if
+    a record is left to answer."""
+    settings = run_settings(cfg)
+    with OutputLock(cfg.output):
+        done = recover_output(cfg.output)
+        for line in done.damaged:
+            print(
+                printable(f"{cfg.output}: moved to {cfg.output}.damaged, {line}"), file=sys.stderr
+            )
+        check_settings(done, settings, cfg.output, cfg.allow_mixed_settings)
+        records = list(read_records(input_path))
+        if cfg.data.limit:
+            records = records[: cfg.data.limit]
+        todo = [item for item in records if item.id not in done.records]
+        answered = list(done.records.values())
+        answer = None
+        if todo:
+            try:
+                engine = make_engine()
+            except Exception as e:
+                raise ServeFailure(f"loading the models: {type(e).__name__}: {e}") from e
+            answer = Answerer(cfg, engine, Path(input_path).resolve().parent)
+        started = time.perf_counter()
+        try:
+            with open(cfg.output, "a", encoding="utf-8") as out:
+                for item in tqdm(todo, desc=cfg.spec.mode, disable=not progress or None):
+                    line = answer(item)
+                    if "error" in line:
+                        tqdm.write(printable(f"record {item.id!r}: {line['error']}"), sys.stderr)
+                    line["settings"] = settings
+                    out.write(json.dumps(line) + "\n")
+                    out.flush()
+                    answered.append(line)
+        finally:
+            run_s = time.perf_counter() - started - (answer.warmup_s if answer else 0.0)
+            summary = summarize(answered, run_time_s=run_s, lines_moved=len(done.damaged))
+            write_summary(cfg.output, summary)
     return summary

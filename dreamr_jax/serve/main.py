@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import jax
 
+from dreamr_jax.config import ConfigError
 from dreamr_jax.config.schema import ServeConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.serve.batch import serve
@@ -27,6 +29,36 @@ def default_input(cfg: ServeConfig) -> str:
     return path
 
 
+def check_paths(cfg: ServeConfig) -> None:
+    """Every path key checked before any work, as a `ConfigError` naming the key."""
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{key}: {message}")
+
+    if cfg.data.input and not os.path.isfile(cfg.data.input):
+        what = "a folder, not a JSONL file" if os.path.isdir(cfg.data.input) else "no such file"
+        fail("data.input", f"{cfg.data.input} is {what}")
+    if os.path.isdir(cfg.output):
+        fail("output", f"{cfg.output} is a folder; name a JSONL file")
+    folder = os.path.dirname(os.path.abspath(cfg.output))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail("output", f"cannot create its folder {folder}: {e.strerror or e}")
+    models = [("target", cfg.target)] + [("draft", cfg.draft)] * (cfg.spec.mode != "target")
+    for key, ref in models:
+        if ref.path and not os.path.isfile(os.path.join(ref.path, "config.json")):
+            what = "has no config.json" if os.path.isdir(ref.path) else "does not exist"
+            fail(f"{key}.path", f"{ref.path} is not a checkpoint folder (it {what})")
+    cache = cfg.compilation_cache
+    if (
+        cache
+        and os.path.exists(os.path.expanduser(cache))
+        and not os.path.isdir(os.path.expanduser(cache))
+    ):
+        fail("compilation_cache", f"{cache} is a file, not a folder")
+
+
 def build_engine(cfg: ServeConfig) -> Engine:
     target = load_checkpoint(cfg.target.path or DEFAULT_TARGET, cfg.prompt, dtype=cfg.target.dtype)
     draft = None
@@ -40,6 +72,8 @@ def format_summary(summary: dict) -> str:
     width = max(len(k) for k, _ in rows)
 
     def show(v):
+        if isinstance(v, dict | list):
+            return json.dumps(v)
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     return "\n".join(f"{k.ljust(width)}  {show(v)}" for k, v in rows)
@@ -58,12 +92,12 @@ def use_compilation_cache(folder: str | None) -> None:
 
 
 def run(cfg: ServeConfig) -> dict:
+    """serve.py's run; raises ConfigError (bad paths), OutputInUseError (another run writes the
+    output), MixedSettingsError, or ServeFailure (the process failed; the summary is written)."""
+    check_paths(cfg)
     use_compilation_cache(cfg.compilation_cache)
     input_path = cfg.data.input or default_input(cfg)
-    if not os.path.exists(input_path):
-        raise FileNotFoundError(f"data.input: no such file {input_path}")
-    engine = build_engine(cfg)
-    summary = serve(cfg, engine, input_path)
+    summary = serve(cfg, input_path, lambda: build_engine(cfg))
     print(format_summary(summary), file=sys.stdout)
     print(f"records: {cfg.output}\nsummary: {cfg.output}.summary.json")
     return summary

@@ -204,7 +204,11 @@ class Engine:
 
     def prompt(self, question: str, images) -> tuple[list[int], object]:
         """Prompt ids and the (padded) model inputs of a request."""
-        pixel_values, grid = process_images(self.processor, images)
+        return self.prompt_from_patches(question, *process_images(self.processor, images))
+
+    def prompt_from_patches(self, question: str, pixel_values, grid) -> tuple[list[int], object]:
+        """`prompt` of images the processor has already turned into patches `[patches, C*T*P*P]`
+        and grids `[images, 3]` (serving runs the two apart, to say which one a record broke)."""
         ids = self.builder.prompt_ids(question, [g.tolist() for g in grid])
         limit = self.builder.model.text.max_position_embeddings
         if len(ids) + self.spec.max_new_tokens > limit:
@@ -269,6 +273,11 @@ class Engine:
     def solve(self, question: str, images) -> Solution:
         started = time.perf_counter()
         ids, inputs = self.prompt(question, images)
+        return self.answer(ids, inputs, started)
+
+    def answer(self, ids: list[int], inputs, started: float) -> Solution:
+        """The mode's solution of a prompt (`prompt`'s ids and inputs); its latency counts from
+        `started`, a `time.perf_counter()` taken before the prompt was made."""
         max_len = self.max_len(len(ids))
         mode = self.spec.mode
         if mode in ("target", "draft"):
