@@ -45,18 +45,16 @@ def check_paths(cfg: ServeConfig) -> None:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         fail("output", f"cannot create its folder {folder}: {e.strerror or e}")
-    models = [("target", cfg.target)] + [("draft", cfg.draft)] * (cfg.spec.mode != "target")
-    for key, ref in models:
+    models = {"target": cfg.target}
+    if cfg.spec.mode != "target":
+        models["draft"] = cfg.draft
+    for key, ref in models.items():
         if ref.path and not os.path.isfile(os.path.join(ref.path, "config.json")):
             what = "has no config.json" if os.path.isdir(ref.path) else "does not exist"
             fail(f"{key}.path", f"{ref.path} is not a checkpoint folder (it {what})")
-    cache = cfg.compilation_cache
-    if (
-        cache
-        and os.path.exists(os.path.expanduser(cache))
-        and not os.path.isdir(os.path.expanduser(cache))
-    ):
-        fail("compilation_cache", f"{cache} is a file, not a folder")
+    cache = os.path.expanduser(cfg.compilation_cache or "")
+    if cache and os.path.exists(cache) and not os.path.isdir(cache):
+        fail("compilation_cache", f"{cfg.compilation_cache} is a file, not a folder")
 
 
 def build_engine(cfg: ServeConfig) -> Engine:
