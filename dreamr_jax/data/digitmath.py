@@ -8,7 +8,10 @@ so test images never appear in training problems.
 A problem shows a grid of digits (1-2 rows, 2-4 columns); every 8x8 scan is upscaled to a 32x32
 cell, which is exactly one visual token of Qwen3-VL (16-px patches merged 2x2). The reasoning is a
 chain of short steps separated by "\\n\\n": first the digits are read, then one operation per step,
-and the last step is always "The answer is N.".
+and the last step states the answer ("The answer is N."). Every step states a fact
+(`wordings.Fact`); a wording mix picks the words each step is written in (`wordings.MIXES`), with
+its own random stream, so problems are the same in every mix. The default, "canonical", writes
+each step in the one wording the shipped pair learned.
 
 Usage:
     python -m dreamr_jax.data.digitmath --split test --n 200 --seed 0 --out data/digitmath
@@ -25,12 +28,16 @@ import importlib.util
 import io
 import json
 import re
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from dreamr_jax.data import wordings
+from dreamr_jax.data.wordings import Answer, Count, Fact, Number, Operation, Reading
 
 SPLITS = ("train", "val", "test")
 FAMILIES = (
@@ -43,7 +50,6 @@ FAMILIES = (
 )
 CORRUPTION_KINDS = ("misread", "arithmetic_slip", "skipped_step", "repeated_step")
 STEP_DELIMITER = "\n\n"
-ANSWER_TEMPLATE = "The answer is {}."
 SCAN_SIZE = 8
 CELL_SIZE = 32  # one Qwen3-VL visual token: a 2x2 group of 16-px patches
 MIN_STEPS, MAX_STEPS = 3, 8
@@ -67,8 +73,6 @@ _CONFUSABLE = {
 }
 
 _ANSWER_RE = re.compile(r"answer is\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
-_READ_RE = re.compile(r"^The (?:top |bottom )?row shows (.+)\.$")
-_RESULT_RE = re.compile(r"(-?\d+)\.$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +87,8 @@ class Problem:
     family: str
     digits: tuple[tuple[int, ...], ...]  # true labels, row by row
     scans: tuple[tuple[int, ...], ...]  # indices into load_digits(), same shape as digits
+    facts: tuple[Fact, ...]  # the true fact each step states
+    wording: str  # the mix the steps are written in (a key of wordings.MIXES)
 
     @property
     def reasoning(self) -> str:
@@ -100,11 +106,18 @@ class Problem:
             "family": self.family,
             "digits": [list(row) for row in self.digits],
             "scans": [list(row) for row in self.scans],
+            "facts": [wordings.fact_record(fact) for fact in self.facts],
+            "wording": self.wording,
         }
 
     @classmethod
     def from_record(cls, record: Mapping) -> Problem:
-        """Inverse of `to_record`."""
+        """Inverse of `to_record`. Records written before steps had facts are canonical: their
+        facts are read back from the steps."""
+        if "facts" in record:
+            facts = tuple(wordings.fact_from_record(fact) for fact in record["facts"])
+        else:
+            facts = tuple(_canonical_fact(step) for step in record["steps"])
         return cls(
             id=record["id"],
             image=record["image"],
@@ -114,7 +127,17 @@ class Problem:
             family=record["family"],
             digits=tuple(tuple(int(d) for d in row) for row in record["digits"]),
             scans=tuple(tuple(int(s) for s in row) for row in record["scans"]),
+            facts=facts,
+            wording=record.get("wording", wordings.DEFAULT_MIX),
         )
+
+
+def _canonical_fact(step: str) -> Fact:
+    """The fact a step written in the canonical mix states."""
+    parsed = wordings.exact_parse(step, wordings.MIXES["canonical"].forms)
+    if parsed is None:
+        raise ValueError(f"not a canonical DigitMath step: {step!r}")
+    return parsed.fact
 
 
 # ----------------------------------------------------------------------------- scans and pools
@@ -228,13 +251,7 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-# ----------------------------------------------------------------------------- step text
-
-
-def _join(values: Sequence[int | str]) -> str:
-    """'3', '3 and 7', '3, 7 and 1'."""
-    words = [str(v) for v in values]
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+# ----------------------------------------------------------------------------- step facts
 
 
 def _row_name(n_rows: int, row: int) -> str:
@@ -242,58 +259,24 @@ def _row_name(n_rows: int, row: int) -> str:
     return "row" if n_rows == 1 else ("top row", "bottom row")[row]
 
 
-def _read_step(name: str, row: Sequence[int]) -> str:
-    return f"The {name} shows {_join(row)}."
-
-
-_OPERATIONS: dict[str, Callable[[int, int], int]] = {
-    "+": lambda a, b: a + b,
-    "-": lambda a, b: a - b,
-    "*": lambda a, b: a * b,
-}
-
-
-def operation_middle(a: int, symbol: str, b: int) -> str | None:
-    """The intermediate form an operation step writes before its result, or None.
-
-    Adding or subtracting a number with tens and units goes by its tens first, then its units
-    (`446 - 97 = 356 - 7 = 349`); a number with tens and units times a digit splits into the
-    two partial products (`54 * 6 = 300 + 24 = 324`). Run 9 got 89% of test problems right; 33
-    of its 54 failures first went wrong in such an operation done in one go, mostly a wrong tens
-    digit after a borrow or carry (`70 - 63 = 17`, `54 * 6 = 304`). Split, every part is an
-    operation on one digit, which a small model can learn exactly (run 10: 96%)."""
-    if symbol in "+-" and b >= 10 and b % 10:
-        tens = b - b % 10
-        return f"{_OPERATIONS[symbol](a, tens)} {symbol} {b % 10}"
-    if symbol == "*" and a >= 10 and a % 10:
-        tens = a - a % 10
-        return f"{tens * b} + {a % 10 * b}"
-    return None
-
-
 def operation_step(a: int, symbol: str, b: int) -> tuple[str, int]:
-    """One operation as a step ("54 * 6 = 300 + 24 = 324.") and its result."""
-    result = _OPERATIONS[symbol](a, b)
-    middle = operation_middle(a, symbol, b)
-    rest = f"{middle} = {result}" if middle else str(result)
-    return f"{a} {symbol} {b} = {rest}.", result
+    """One operation as a canonical step ("54 * 6 = 300 + 24 = 324.") and its result."""
+    fact = Operation.of(a, symbol, b)
+    return wordings.write(fact, "split"), fact.result
 
 
-def _fold(values: Sequence[int], symbol: str) -> tuple[list[str], int]:
+def _fold(values: Sequence[int], symbol: str) -> tuple[list[Operation], int]:
     """Combines values left to right, one step per operation; returns the steps and the result."""
     acc, steps = values[0], []
     for value in values[1:]:
-        step, acc = operation_step(acc, symbol, value)
+        step = Operation.of(acc, symbol, value)
         steps.append(step)
+        acc = step.result
     return steps, acc
 
 
-def _answer_step(answer: int) -> str:
-    return ANSWER_TEMPLATE.format(answer)
-
-
 # ----------------------------------------------------------------------------- families
-# Each builder draws a digit grid and returns (grid, question, steps); the last step states the
+# Each builder draws a digit grid and returns (grid, question, step facts); the last fact is the
 # answer. Step counts are noted per family and checked by the tests (3-8 for every family).
 
 
@@ -309,7 +292,7 @@ def _row_fold(rng: np.random.Generator, symbol: str, noun: str, max_cols: int):
     name = _row_name(rows, row)
     question = f"What is the {noun} of the digits in the {name}?"
     ops, result = _fold(grid[row], symbol)
-    return grid, question, [_read_step(name, grid[row]), *ops, _answer_step(result)]
+    return grid, question, [Reading(name, tuple(grid[row])), *ops, Answer(result)]
 
 
 def _row_sum(rng: np.random.Generator):
@@ -330,11 +313,10 @@ def _sum_of_products(rng: np.random.Generator):
         "Multiply the top and bottom digits in each column, then add the products. "
         "What is the total?"
     )
-    products = [a * b for a, b in zip(grid[0], grid[1], strict=True)]
-    steps = [_read_step("top row", grid[0]), _read_step("bottom row", grid[1])]
-    steps += [operation_step(a, "*", b)[0] for a, b in zip(grid[0], grid[1], strict=True)]
-    sums, total = _fold(products, "+")
-    return grid, question, [*steps, *sums, _answer_step(total)]
+    products = [Operation.of(a, "*", b) for a, b in zip(grid[0], grid[1], strict=True)]
+    sums, total = _fold([p.result for p in products], "+")
+    reads = [Reading("top row", tuple(grid[0])), Reading("bottom row", tuple(grid[1]))]
+    return grid, question, [*reads, *products, *sums, Answer(total)]
 
 
 def _row_difference(rng: np.random.Generator):
@@ -344,33 +326,19 @@ def _row_difference(rng: np.random.Generator):
     question = "Add up each row. What is the larger row sum minus the smaller one?"
     top_ops, top = _fold(grid[0], "+")
     bottom_ops, bottom = _fold(grid[1], "+")
-    big, small = max(top, bottom), min(top, bottom)
-    steps = [_read_step("top row", grid[0]), _read_step("bottom row", grid[1])]
-    steps += [*top_ops, *bottom_ops, operation_step(big, "-", small)[0]]
-    return grid, question, [*steps, _answer_step(big - small)]
-
-
-def _count_step(name: str, row: Sequence[int], threshold: int) -> tuple[str, int]:
-    """Every digit of the row compared with the threshold, in reading order, then the count of
-    the greater ones: "In the top row, 4 > 2, 1 < 2 and 2 = 2, so the count is 1."
-
-    Each comparison sits next to both of its operands. (Listing only the digits above the
-    threshold, as the first targets were trained to, means knowing whether another one follows
-    before writing ", " or " and ": both models failed half of these problems.)"""
-    marks = ["<" if d < threshold else "=" if d == threshold else ">" for d in row]
-    count = marks.count(">")
-    comparisons = _join([f"{d} {mark} {threshold}" for d, mark in zip(row, marks, strict=True)])
-    return f"In the {name}, {comparisons}, so the count is {count}.", count
+    difference = Operation.of(max(top, bottom), "-", min(top, bottom))
+    reads = [Reading("top row", tuple(grid[0])), Reading("bottom row", tuple(grid[1]))]
+    return grid, question, [*reads, *top_ops, *bottom_ops, difference, Answer(difference.result)]
 
 
 def count_drill(rng: np.random.Generator) -> tuple[str, str]:
     """A text-only count_greater fragment: (a reading step, the count step that follows it),
-    in the exact wording of the chains, for drills that teach comparing digits."""
+    in the canonical wording of the chains, for drills that teach comparing digits."""
     rows = int(rng.integers(1, 3))
     name = _row_name(rows, int(rng.integers(rows)))
     row = _grid(rng, 1, int(rng.integers(2, 5)))[0]
-    text, _ = _count_step(name, row, int(rng.integers(1, 9)))
-    return _read_step(name, row), text
+    count = Count.of(name, row, int(rng.integers(1, 9)))
+    return wordings.write(Reading(name, tuple(row)), "shows"), wordings.write(count, "count_is")
 
 
 def _count_greater(rng: np.random.Generator):
@@ -380,14 +348,10 @@ def _count_greater(rng: np.random.Generator):
     threshold = int(rng.integers(1, 9))
     question = f"How many digits in the image are greater than {threshold}?"
     names = [_row_name(rows, r) for r in range(rows)]
-    steps = [_read_step(name, row) for name, row in zip(names, grid, strict=True)]
-    counts = []
-    for name, row in zip(names, grid, strict=True):
-        text, count = _count_step(name, row, threshold)
-        steps.append(text)
-        counts.append(count)
-    sums, total = _fold(counts, "+")
-    return grid, question, [*steps, *sums, _answer_step(total)]
+    reads = [Reading(name, tuple(row)) for name, row in zip(names, grid, strict=True)]
+    counts = [Count.of(name, row, threshold) for name, row in zip(names, grid, strict=True)]
+    sums, total = _fold([c.count for c in counts], "+")
+    return grid, question, [*reads, *counts, *sums, Answer(total)]
 
 
 def _number_plus(rng: np.random.Generator):
@@ -398,22 +362,17 @@ def _number_plus(rng: np.random.Generator):
     # A leading zero would make "the number formed" ambiguous, so the asked row never has one.
     grid[row][0] = int(rng.integers(1, 10))
     name = _row_name(rows, row)
-    number = int("".join(str(d) for d in grid[row]))
+    number = Number.of(name, grid[row])
     add = bool(rng.integers(2))
-    constant = int(rng.integers(1, 100 if add else min(99, number) + 1))
+    constant = int(rng.integers(1, 100 if add else min(99, number.number) + 1))
     word, symbol = ("plus", "+") if add else ("minus", "-")
-    operation, result = operation_step(number, symbol, constant)
+    operation = Operation.of(number.number, symbol, constant)
     question = (
         f"Read the digits in the {name} from left to right as one number. "
         f"What is that number {word} {constant}?"
     )
-    steps = [
-        _read_step(name, grid[row]),
-        f"Read from left to right, the {name} forms the number {number}.",
-        operation,
-        _answer_step(result),
-    ]
-    return grid, question, steps
+    facts = [Reading(name, tuple(grid[row])), number, operation, Answer(operation.result)]
+    return grid, question, facts
 
 
 _BUILDERS: dict[str, Callable] = {
@@ -439,33 +398,50 @@ def _draw_scans(
     )
 
 
-def generate_problem(split: str, index: int, seed: int) -> Problem:
-    """Problem number `index` of a split; depends only on (split, index, seed)."""
+def generate_problem(
+    split: str, index: int, seed: int, wording: str = wordings.DEFAULT_MIX
+) -> Problem:
+    """Problem number `index` of a split, its steps written in the wording mix `wording`.
+
+    The problem (digits, scans, question, facts, answer) depends only on (split, index, seed);
+    the words of its steps also on the mix, drawn from a generator of their own, so every mix
+    writes the same problems. The canonical mix has one form per kind: its steps are the same
+    whatever its generator draws."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed} index={index}")
+    if wording not in wordings.MIXES:
+        raise ValueError(f"unknown wording {wording!r}; expected one of {tuple(wordings.MIXES)}")
     # One generator per problem keeps a problem independent of n: the first k problems of a
     # larger set are the k problems of a smaller one.
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     family = FAMILIES[int(rng.integers(len(FAMILIES)))]
-    grid, question, steps = _BUILDERS[family](rng)
+    grid, question, facts = _BUILDERS[family](rng)
+    # crc32, not hash(): string hashes change from one Python process to the next.
+    wording_rng = np.random.default_rng(
+        [seed, SPLITS.index(split), index, zlib.crc32(wording.encode())]
+    )
     problem_id = f"{split}-{index:05d}"
     return Problem(
         id=problem_id,
         image=f"images/{problem_id}.png",
         question=question,
-        answer=extract_answer(steps[-1]),
-        steps=tuple(steps),
+        answer=str(facts[-1].value),
+        steps=wordings.MIXES[wording].write_chain(facts, wording_rng),
         family=family,
         digits=tuple(tuple(int(d) for d in row) for row in grid),
         scans=_draw_scans(grid, split, rng),
+        facts=tuple(facts),
+        wording=wording,
     )
 
 
-def generate_problems(split: str, n: int, seed: int) -> list[Problem]:
-    """n problems of a split, deterministic in (split, n, seed)."""
-    return [generate_problem(split, i, seed) for i in range(n)]
+def generate_problems(
+    split: str, n: int, seed: int, wording: str = wordings.DEFAULT_MIX
+) -> list[Problem]:
+    """n problems of a split, deterministic in (split, n, seed, wording)."""
+    return [generate_problem(split, i, seed, wording) for i in range(n)]
 
 
 def write_split(problems: Sequence[Problem], out_dir: str | Path, split: str) -> Path:
@@ -513,8 +489,14 @@ def is_correct(prediction: str | None, gold: str) -> bool:
 # ----------------------------------------------------------------------------- corruption
 
 
-def _steps_of(problem: Problem | Mapping) -> Sequence[str]:
-    return problem.steps if isinstance(problem, Problem) else problem["steps"]
+def _as_problem(problem: Problem | Mapping) -> Problem:
+    return problem if isinstance(problem, Problem) else Problem.from_record(problem)
+
+
+def is_correct_step(problem: Problem | Mapping, step_index: int, text: str) -> bool:
+    """Whether `text` is a correct step `step_index` of the problem, in any wording: it states
+    that step's true fact in exactly the words of some form (`wordings.check_step`)."""
+    return wordings.check_step(text, _as_problem(problem).facts[step_index])
 
 
 # Mistakes in what a step says (against the image or the arithmetic), as opposed to structural
@@ -524,37 +506,52 @@ CONTENT_ERRORS = ("misread", "arithmetic_slip")
 
 def is_reading_step(text: str) -> bool:
     """Whether a step names the digits of a row (the only steps that need the image)."""
-    return _READ_RE.match(text.strip()) is not None
+    return any(p.fact.kind == "read" for p in wordings.parse_step(text.strip()))
 
 
 def applicable_kinds(problem: Problem | Mapping, step_index: int) -> tuple[str, ...]:
-    """The corruption kinds that yield a wrong step at this position."""
-    steps = _steps_of(problem)
-    text = steps[step_index]
-    is_read = _READ_RE.match(text) is not None
-    kinds = []
-    if is_read:
-        kinds.append("misread")
-    if not is_read and _RESULT_RE.search(text):
-        kinds.append("arithmetic_slip")
-    if step_index + 1 < len(steps) and steps[step_index + 1] != text:
+    """The corruption kinds that yield a wrong step at this position.
+
+    A neighbouring step put here is wrong unless the problem's own mix could write it for this
+    step's fact: in the canonical mix unless it is the same text (as the shipped pair's data
+    had it), in a mix that commutes operands also unless it is, say, `4 * 3 = 12.` next to
+    `3 * 4 = 12.`."""
+    problem = _as_problem(problem)
+    steps, fact = problem.steps, problem.facts[step_index]
+    forms = wordings.MIXES[problem.wording].forms
+
+    def wrong_here(text: str) -> bool:
+        return not wordings.check_step(text, fact, forms)
+
+    kinds = ["misread" if fact.kind == "read" else "arithmetic_slip"]
+    if step_index + 1 < len(steps) and wrong_here(steps[step_index + 1]):
         kinds.append("skipped_step")
-    if step_index > 0 and steps[step_index - 1] != text:
+    if step_index > 0 and wrong_here(steps[step_index - 1]):
         kinds.append("repeated_step")
     return tuple(kinds)
 
 
+def _exact_parse(text: str) -> wordings.ParsedStep:
+    parsed = wordings.exact_parse(text)
+    if parsed is None:
+        raise ValueError(f"no wording writes this step: {text!r}")
+    return parsed
+
+
 def _misread(text: str, rng: np.random.Generator) -> str:
-    """Replaces one digit named by a reading step, preferring a visually confusable one."""
-    start = text.index(" shows ") + len(" shows ")
-    positions = [m.start() + start for m in re.finditer(r"\d", text[start:])]
-    pos = positions[int(rng.integers(len(positions)))]
-    true = int(text[pos])
+    """Replaces one digit named by a reading step (in any wording), preferring a visually
+    confusable one."""
+    parsed = _exact_parse(text)
+    if not isinstance(parsed.fact, Reading):
+        raise ValueError(f"not a reading step: {text!r}")
+    digits = list(parsed.fact.digits)
+    pos = int(rng.integers(len(digits)))
+    true = digits[pos]
     if rng.random() < 0.7:
-        wrong = _CONFUSABLE[true][int(rng.integers(2))]
+        digits[pos] = _CONFUSABLE[true][int(rng.integers(2))]
     else:
-        wrong = int(rng.choice([d for d in range(10) if d != true]))
-    return text[:pos] + str(wrong) + text[pos + 1 :]
+        digits[pos] = int(rng.choice([d for d in range(10) if d != true]))
+    return wordings.write(dataclasses.replace(parsed.fact, digits=tuple(digits)), parsed.form)
 
 
 _SPLIT_STEP_RE = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+) ([-+]) (\d+) = (\d+)\.$")
@@ -571,25 +568,28 @@ def _slip_middle(split: re.Match, rng: np.random.Generator) -> str:
     for sign in (1, -1):
         t = tens if move_units else tens + 10 * sign * delta
         u = units + sign * delta if move_units else units
-        result = _OPERATIONS[op2](t, u)
+        result = Operation.of(t, op2, u).result
         if min(t, u, result) >= 0:
             break
     return f"{a} {op} {b} = {t} {op2} {u} = {result}."
 
 
 def _slip(text: str, rng: np.random.Generator) -> str:
-    """Moves the result at the end of a step by 1-3, keeping counts and sums non-negative; half
-    of the split operations slip in their middle instead (`_slip_middle`)."""
+    """Moves what a step works out (an operation's result, a count, a number, the answer) by
+    1-3, keeping it non-negative, and writes the step again in its own wording; half of the
+    split operations slip in their middle instead (`_slip_middle`)."""
     split = _SPLIT_STEP_RE.match(text)
     # (The extra draw only for split steps: other slips keep the random stream they had.)
     if split and rng.random() < 0.5:
         return _slip_middle(split, rng)
-    match = _RESULT_RE.search(text)
-    value = int(match.group(1))
+    parsed = _exact_parse(text)
+    value = wordings.stated_result(parsed.fact)
+    if value is None:
+        raise ValueError(f"a reading step has no result to slip: {text!r}")
     delta = int(rng.choice([-3, -2, -1, 1, 2, 3]))
     if value >= 0 and value + delta < 0:
         delta = -delta
-    return text[: match.start(1)] + str(value + delta) + text[match.end(1) :]
+    return wordings.write(wordings.with_result(parsed.fact, value + delta), parsed.form)
 
 
 def corrupt_step(
@@ -608,7 +608,8 @@ def corrupt_step(
     the odds for the content errors (misread, arithmetic_slip) against the structural ones;
     naming a kind that does not apply raises ValueError.
     """
-    steps = _steps_of(problem)
+    problem = _as_problem(problem)
+    steps = problem.steps
     kinds = applicable_kinds(problem, step_index)
     if kind is None:
         if not kinds:
@@ -642,8 +643,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--n", type=int, required=True, help="number of problems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--wording",
+        choices=tuple(wordings.MIXES),
+        default=wordings.DEFAULT_MIX,
+        help="the mix of step wordings",
+    )
     args = parser.parse_args(argv)
-    path = write_split(generate_problems(args.split, args.n, args.seed), args.out, args.split)
+    problems = generate_problems(args.split, args.n, args.seed, args.wording)
+    path = write_split(problems, args.out, args.split)
     print(f"wrote {args.n} problems to {path}")
     return path
 
