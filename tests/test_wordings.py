@@ -307,3 +307,9 @@ def test_records_round_trip_and_old_records_load(problems, tmp_path):
     )
     records = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
     assert [dm.Problem.from_record(r) for r in records] == problems[("draft", "val")][:4]
+
+
+def test_the_config_schema_knows_every_mix():
+    from dreamr_jax.config.schema import WORDING_MIXES
+
+    assert tuple(w.MIXES) == WORDING_MIXES  # the config layer cannot import the data layer

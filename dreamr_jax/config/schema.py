@@ -22,6 +22,7 @@ MAX_PATCHES = 1 << 20  # image patches of one example
 MAX_IMAGE_PIXELS = 1 << 30  # pixels of one image (PIL refuses past 2 * 89,478,485 anyway)
 MAX_IMAGES = 256  # images of one record
 MAX_WARMUP = 100  # problems solved before serving
+WORDING_MIXES = ("canonical", "target", "draft", "uniform")  # dreamr_jax.data.wordings.MIXES
 
 
 def _fail(key: str, message: str) -> None:
@@ -248,6 +249,9 @@ class TrainConfig:
     save_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 10
+    # A checkpoint folder (HF layout) whose weights start the run instead of a random init:
+    # fine-tuning. Its model config must equal `model`. "" = from scratch.
+    init_from: str = ""
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "save_every", "keep_checkpoints", "log_every"):
@@ -298,6 +302,9 @@ class DataConfig:
     """The training/evaluation data of a run."""
 
     dataset: str = "digitmath"
+    # The words the chains' steps are written in (a mix of dreamr_jax.data.wordings.MIXES):
+    # "canonical" (one wording per step kind, the first pair's), "target", "draft", "uniform"
+    wording: str = "canonical"
     train_problems: int = 20000
     val_problems: int = 200
     data_seed: int = 0  # seed of the generated problems (the run's `seed` shuffles and inits)
@@ -334,6 +341,11 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         if self.dataset != "digitmath":
             _fail(f"{prefix}.dataset", f"unknown dataset {self.dataset!r} (known: digitmath)")
+        if self.wording not in WORDING_MIXES:
+            _fail(
+                f"{prefix}.wording",
+                f"unknown mix {self.wording!r}; expected one of {WORDING_MIXES}",
+            )
         if self.train_problems <= 0:
             _fail(f"{prefix}.train_problems", f"must be positive, got {self.train_problems}")
         _check_size(f"{prefix}.seq_len", self.seq_len, MAX_TOKENS, "tokens in an example")

@@ -7,8 +7,9 @@ can also judge, for some train problems, the first step where the draft's greedy
 the gold one: the draft's chain is the gold chain up to there (a deterministic template), so the
 step is judged in exactly the context the engine verifies it in.
 
-A step that differs from the gold step is wrong: every step of a family is written from one
-template, so a correct step has exactly the gold words.
+A step is wrong when it does not state the gold step's fact in one of the task's wordings
+(`digitmath.is_correct_step`): a correct step written in other words than the gold one is not a
+mistake.
 """
 
 from __future__ import annotations
@@ -23,23 +24,24 @@ from dreamr_jax.data import digitmath
 
 @dataclasses.dataclass(frozen=True)
 class DraftMistake:
-    """The draft's text for step `step` of a problem, where it first differs from the gold."""
+    """The draft's text for step `step` of a problem, its first step that is not correct."""
 
     step: int
     text: str
 
 
 def first_mistake(problem: digitmath.Problem, output: str, finished: bool) -> DraftMistake | None:
-    """Where a generated chain `output` (steps joined by the delimiter) first leaves the gold
-    steps, or None if it never does. A last step cut off by the token budget (`finished` False)
-    is not a mistake the draft made, so it does not count."""
+    """Where a generated chain `output` (steps joined by the delimiter) first writes a step that
+    is not a correct wording of the gold step there, or None if it never does. A last step cut
+    off by the token budget (`finished` False) is not a mistake the draft made, so it does not
+    count."""
     steps = [s.strip() for s in output.split("\n\n")]
     while steps and not steps[-1]:
         steps.pop()
-    for index, gold in enumerate(problem.steps):
+    for index in range(len(problem.steps)):
         if index >= len(steps):
             return None  # stopped early: nothing wrong was written
-        if steps[index] != gold:
+        if not digitmath.is_correct_step(problem, index, steps[index]):
             if index == len(steps) - 1 and not finished:
                 return None
             return DraftMistake(index, steps[index])

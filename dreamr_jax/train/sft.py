@@ -1,5 +1,6 @@
-"""Stage `sft`: supervised training of a DigitMath model (target or draft) from scratch, its
-evaluation on the val split, and its export as a Hugging Face checkpoint directory."""
+"""Stage `sft`: supervised training of a DigitMath model (target or draft), from scratch or from
+a checkpoint (`train.init_from`), its evaluation on the val split, and its export as a Hugging
+Face checkpoint directory."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dreamr_jax.data.draft_mistakes import DraftMistake, load_mistakes, mistakes
 from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.data.sft import SFTExampleBuilder, sft_dataset
 from dreamr_jax.data.tokenizer import build_default_tokenizer, save_tokenizer
-from dreamr_jax.models.hf_io import save_pretrained
+from dreamr_jax.models.hf_io import load_pretrained, save_pretrained
 from dreamr_jax.models.init import init_model
 from dreamr_jax.models.processor import make_image_processor
 from dreamr_jax.parallel.mesh import mesh_from_config
@@ -44,7 +45,9 @@ def export_checkpoint(model, tokenizer, processor, path: str) -> str:
 
 def evaluate_model(cfg: Config, model, builder: PromptBuilder, processor) -> dict:
     """Greedy answer accuracy on `eval.problems` val problems, and the judge AUROC if asked."""
-    problems = digitmath.generate_problems("val", cfg.eval.problems, cfg.data.data_seed)
+    problems = digitmath.generate_problems(
+        "val", cfg.eval.problems, cfg.data.data_seed, cfg.data.wording
+    )
     started = time.perf_counter()
     results = greedy_solve(
         model,
@@ -107,16 +110,31 @@ def draft_mistakes(cfg: Config, problems) -> dict[int, DraftMistake]:
     return mistakes
 
 
+def initial_model(cfg: Config, mesh):
+    """A random init (seed `seed`), or the weights of `train.init_from` to fine-tune."""
+    if not cfg.train.init_from:
+        return init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, mesh=mesh)
+    model = load_pretrained(cfg.train.init_from, dtype=cfg.dtype, mesh=mesh)
+    if model.config != cfg.model:
+        raise ValueError(
+            f"train.init_from: the model in {cfg.train.init_from} is not the configured `model` "
+            "(fine-tuning keeps the architecture and the token ids)"
+        )
+    return model
+
+
 def run_sft(cfg: Config) -> dict:
     """Trains, evaluates and exports; returns the final metrics (also in <output_dir>/eval.json)."""
     tokenizer = load_tokenizer(cfg.data)
     builder = PromptBuilder.create(tokenizer, cfg.model, cfg.prompt)
     processor = make_image_processor(cfg.model.vision)
-    problems = digitmath.generate_problems("train", cfg.data.train_problems, cfg.data.data_seed)
+    problems = digitmath.generate_problems(
+        "train", cfg.data.train_problems, cfg.data.data_seed, cfg.data.wording
+    )
     mistakes = draft_mistakes(cfg, problems)
     dataset = sft_dataset(problems, builder, processor, cfg.data, cfg.data.data_seed, mistakes)
     mesh = mesh_from_config(cfg.mesh)
-    model = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, mesh=mesh)
+    model = initial_model(cfg, mesh)
     trainer = Trainer(cfg, model, dataset, cfg.output_dir, mesh)
     started = time.perf_counter()
     result = trainer.run(evaluate=lambda m: evaluate_model(cfg, m, builder, processor))
