@@ -346,3 +346,47 @@ def test_read_pairs_judge_every_reading_step_both_ways(setup):
         assert len(judged) == len(plan.branches)
     with pytest.raises(ValueError, match="data.read_pairs"):
         dataclasses.replace(cfg.data, read_pairs=True, judge_branches=0).validate()
+
+
+def test_held_out_wordings_and_kinds_never_reach_the_judge(setup):
+    cfg, tokenizer, builder, processor, _ = setup
+    problems = digitmath.generate_problems("train", 60, 0, wording="uniform")
+    forms, kinds = ("words", "greater_than", "digits_are"), ("repeated_step",)
+    data = dataclasses.replace(
+        cfg.data,
+        judge_branches=4,
+        read_pairs=True,
+        judge_holdout_forms=forms,
+        judge_holdout_kinds=kinds,
+    )
+    examples = SFTExampleBuilder(problems, builder, processor, data)
+    plans = plan_examples(
+        problems,
+        0.0,
+        0,
+        0.0,
+        judge_branches=4,
+        read_pairs=True,
+        holdout_forms=forms,
+        holdout_kinds=kinds,
+    )
+    held_out_steps = sum(digitmath.written_in(s, forms) for p in problems for s in p.steps)
+    assert held_out_steps > 20  # the uniform mix writes them often
+    candidates = 0
+    for plan in plans:
+        problem = problems[plan.problem]
+        for step, corrupt_seed, score in plan.branches:
+            assert not digitmath.written_in(problem.steps[step], forms)
+            query, _ = examples._judge_query(plan.problem, step, corrupt_seed, score)
+            if corrupt_seed is not None:
+                text = builder.decode(query[: -len(builder.judge_suffix_ids)]).strip()
+                assert step == 0 or text != problem.steps[step - 1]  # never a repeated step
+            candidates += 1
+    assert candidates > 150
+    # Without holdouts the same problems do judge those steps.
+    free = plan_examples(problems, 0.0, 0, 0.0, judge_branches=4, read_pairs=True)
+    assert any(
+        digitmath.written_in(problems[p.problem].steps[k], forms)
+        for p in free
+        for k, *_ in p.branches
+    )

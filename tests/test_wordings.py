@@ -310,6 +310,7 @@ def test_records_round_trip_and_old_records_load(problems, tmp_path):
 
 
 def test_the_config_schema_knows_every_mix():
-    from dreamr_jax.config.schema import WORDING_MIXES
+    from dreamr_jax.config.schema import CORRUPTION_KINDS, WORDING_MIXES
 
     assert tuple(w.MIXES) == WORDING_MIXES  # the config layer cannot import the data layer
+    assert dm.CORRUPTION_KINDS == CORRUPTION_KINDS

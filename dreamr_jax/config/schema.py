@@ -23,6 +23,7 @@ MAX_IMAGE_PIXELS = 1 << 30  # pixels of one image (PIL refuses past 2 * 89,478,4
 MAX_IMAGES = 256  # images of one record
 MAX_WARMUP = 100  # problems solved before serving
 WORDING_MIXES = ("canonical", "target", "draft", "uniform")  # dreamr_jax.data.wordings.MIXES
+CORRUPTION_KINDS = ("misread", "arithmetic_slip", "skipped_step", "repeated_step")  # digitmath's
 
 
 def _fail(key: str, message: str) -> None:
@@ -334,6 +335,11 @@ class DataConfig:
     # Judge every reading step of a chain both ways in its row (gold and corrupted candidates,
     # needs judge_branches): contrast pairs that differ only in the digits named
     read_pairs: bool = False
+    # Held out of the judge's training, to test it on: steps written in these wordings (names of
+    # dreamr_jax.data.wordings.FORMS) are never judge candidates, nor are the draft's mistakes
+    # written in them; corruptions of these kinds are never drawn
+    judge_holdout_forms: tuple[str, ...] = ()
+    judge_holdout_kinds: tuple[str, ...] = ()
     seq_len: int = 160  # every example is padded to this many tokens; longer ones are an error
     max_image_patches: int = 32  # every example's patches are padded to this many
     tokenizer: str = ""  # HF tokenizer folder; "" builds the default DigitMath tokenizer
@@ -380,6 +386,9 @@ class DataConfig:
                 f"{prefix}.judge_branches",
                 f"must be in [0, {MAX_STEPS_PER_PASS}], got {self.judge_branches}",
             )
+        unknown = set(self.judge_holdout_kinds) - set(CORRUPTION_KINDS)
+        if unknown:
+            _fail(f"{prefix}.judge_holdout_kinds", f"unknown kinds {sorted(unknown)}")
         if self.read_pairs and not self.judge_branches:
             _fail(f"{prefix}.read_pairs", "needs judge_branches > 0 (pairs are judge branches)")
         if not 0 <= self.draft_mistake_problems <= self.train_problems:

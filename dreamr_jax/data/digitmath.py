@@ -29,7 +29,7 @@ import io
 import json
 import re
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -493,6 +493,11 @@ def _as_problem(problem: Problem | Mapping) -> Problem:
     return problem if isinstance(problem, Problem) else Problem.from_record(problem)
 
 
+def written_in(text: str, forms: Collection[str]) -> bool:
+    """Whether one of `forms` (names of `wordings.FORMS`) writes `text` word for word."""
+    return any(p.exact and p.form in forms for p in wordings.parse_step(text.strip()))
+
+
 def is_correct_step(problem: Problem | Mapping, step_index: int, text: str) -> bool:
     """Whether `text` is a correct step `step_index` of the problem, in any wording: it states
     that step's true fact in exactly the words of some form (`wordings.check_step`)."""
@@ -598,19 +603,20 @@ def corrupt_step(
     rng: np.random.Generator,
     kind: str | None = None,
     content_weight: float = 1.0,
+    exclude: Collection[str] = (),
 ) -> tuple[str, str]:
     """A realistic wrong version of step `step_index` and its kind.
 
     Kinds: "misread" (a reading step names a wrong digit), "arithmetic_slip" (a result off by
     1-3, or a split operation wrong in its middle), "skipped_step" (the step after this one
     placed here: the chain jumps ahead), "repeated_step" (the previous step again).
-    `kind=None` picks one of the applicable kinds, uniformly, or with `content_weight` times
-    the odds for the content errors (misread, arithmetic_slip) against the structural ones;
-    naming a kind that does not apply raises ValueError.
+    `kind=None` picks one of the applicable kinds not in `exclude`, uniformly, or with
+    `content_weight` times the odds for the content errors (misread, arithmetic_slip) against
+    the structural ones; naming a kind that does not apply raises ValueError.
     """
     problem = _as_problem(problem)
     steps = problem.steps
-    kinds = applicable_kinds(problem, step_index)
+    kinds = tuple(k for k in applicable_kinds(problem, step_index) if k not in exclude)
     if kind is None:
         if not kinds:
             raise ValueError(f"no corruption applies to step {step_index}")

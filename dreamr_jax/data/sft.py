@@ -17,14 +17,14 @@ reproducible and checkpointable. Every example is padded to fixed shapes (`seq_l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import grain
 import numpy as np
 from PIL import Image
 
 from dreamr_jax.config.schema import DataConfig
-from dreamr_jax.data import digitmath
+from dreamr_jax.data import digitmath, wordings
 from dreamr_jax.data.draft_mistakes import DraftMistake
 from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.models.processor import process_images
@@ -58,6 +58,8 @@ def plan_examples(
     mistake_steps: Mapping[int, int] | None = None,
     distort_fraction: float = 0.0,
     read_pairs: bool = False,
+    holdout_forms: Collection[str] = (),
+    holdout_kinds: Collection[str] = (),
 ) -> list[ExamplePlan]:
     """One reasoning example per problem, plus judge examples and arithmetic drills so that they
     make up `judge_fraction` and `drill_fraction` of the total; half of the judge candidates are
@@ -70,7 +72,9 @@ def plan_examples(
     the reasoning examples show randomly distorted digit cells. With `read_pairs` (and
     `judge_branches`), every reading step of a chain is judged both ways in its row, gold and
     corrupted (yes/no format): the branches that complete a pair come after the others, so they
-    are the ones left out when a row is full."""
+    are the ones left out when a row is full. No branch judges a step written in one of
+    `holdout_forms`, and no query is corrupted where only `holdout_kinds` apply (held out to
+    test the judge on); with neither, the plans are what they always were."""
     rng = np.random.default_rng([seed, 17])
     branch_rng = np.random.default_rng([seed, 31])
     if pack_drills:
@@ -83,12 +87,17 @@ def plan_examples(
 
     def query(rng, problem, step) -> tuple[int | None, bool]:
         """(corrupt_seed, score) of one judge query on `step`."""
-        corrupt = rng.random() < 0.5 and bool(digitmath.applicable_kinds(problem, step))
+        kinds = set(digitmath.applicable_kinds(problem, step)) - set(holdout_kinds)
+        corrupt = rng.random() < 0.5 and bool(kinds)
         corrupt_seed = int(rng.integers(2**31)) if corrupt else None
         return corrupt_seed, bool(rng.random() < score_fraction)
 
+    def judged(problem, step: int) -> bool:
+        return not (holdout_forms and digitmath.written_in(problem.steps[step], holdout_forms))
+
     def branches(index: int, problem) -> tuple:
-        steps = [int(k) for k in branch_rng.permutation(len(problem.steps))[:judge_branches]]
+        order = branch_rng.permutation(len(problem.steps))
+        steps = [int(k) for k in order if judged(problem, int(k))][:judge_branches]
         out = [(k, *query(branch_rng, problem, k)) for k in sorted(steps)]
         mistake = (mistake_steps or {}).get(index)
         if mistake is None:
@@ -108,7 +117,7 @@ def plan_examples(
         pair_rng = np.random.default_rng([seed, 47, index])
         extra = []
         for k, step in enumerate(problem.steps):
-            if not digitmath.is_reading_step(step):
+            if not digitmath.is_reading_step(step) or not judged(problem, k):
                 continue
             # Whether each yes/no query already drawn on step k has a corrupted candidate.
             corrupted = [seed is not None for at, seed, score in drawn if at == k and not score]
@@ -176,14 +185,21 @@ def problem_image(problem: digitmath.Problem, distort_seed: int | None = None) -
 
 
 def judge_candidate(
-    problem: digitmath.Problem, step: int, corrupt_seed: int | None, content_weight: float = 1.0
+    problem: digitmath.Problem,
+    step: int,
+    corrupt_seed: int | None,
+    content_weight: float = 1.0,
+    exclude_kinds: Collection[str] = (),
 ) -> tuple[str, bool]:
     """The candidate for judging `step` (gold, or corrupted from `corrupt_seed`, content errors
-    drawn with `content_weight` times the odds) and whether it is correct."""
+    drawn with `content_weight` times the odds, never a kind of `exclude_kinds`) and whether it
+    is correct."""
     if corrupt_seed is None:
         return problem.steps[step], True
     rng = np.random.default_rng(corrupt_seed)
-    text, _ = digitmath.corrupt_step(problem, step, rng, content_weight=content_weight)
+    text, _ = digitmath.corrupt_step(
+        problem, step, rng, content_weight=content_weight, exclude=exclude_kinds
+    )
     return text, False
 
 
@@ -272,7 +288,11 @@ class SFTExampleBuilder:
             text, correct = mistake.text, False
         else:
             text, correct = judge_candidate(
-                self.problems[index], step, corrupt_seed, self.data.content_error_weight
+                self.problems[index],
+                step,
+                corrupt_seed,
+                self.data.content_error_weight,
+                self.data.judge_holdout_kinds,
             )
         query = b.judge_ids(b.step_ids(text, final=is_final_step(text)), score=score)
         return query, b.verdict_id(correct, score=score)
@@ -385,7 +405,14 @@ def sft_dataset(
     draft_mistakes: Mapping[int, DraftMistake] | None = None,
 ) -> grain.MapDataset:
     """A random-access grain dataset of padded SFT examples (reasoning, then judge ones)."""
-    mistakes = draft_mistakes or {}
+    unknown = set(data.judge_holdout_forms) - set(wordings.FORM_NAMES)
+    if unknown:
+        raise ValueError(f"data.judge_holdout_forms: unknown forms {sorted(unknown)}")
+    mistakes = {
+        i: m
+        for i, m in (draft_mistakes or {}).items()
+        if not digitmath.written_in(m.text, data.judge_holdout_forms)
+    }
     plans = plan_examples(
         problems,
         data.judge_fraction,
@@ -397,6 +424,8 @@ def sft_dataset(
         {i: m.step for i, m in mistakes.items()},
         data.distort_fraction,
         data.read_pairs,
+        data.judge_holdout_forms,
+        data.judge_holdout_kinds,
     )
     examples = SFTExampleBuilder(problems, builder, processor, data, mistakes)
     return grain.MapDataset.source(plans).map(examples.build)
