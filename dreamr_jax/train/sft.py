@@ -4,7 +4,6 @@ Face checkpoint directory."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -22,7 +21,7 @@ from dreamr_jax.models.hf_io import load_pretrained, save_pretrained
 from dreamr_jax.models.init import init_model
 from dreamr_jax.models.processor import make_image_processor
 from dreamr_jax.parallel.mesh import mesh_from_config
-from dreamr_jax.serve.checkpoints import load_checkpoint
+from dreamr_jax.serve.checkpoints import load_checkpoint, weights_digest
 from dreamr_jax.train.evaluate import greedy_solve, judge_auroc
 from dreamr_jax.train.trainer import Trainer
 
@@ -82,8 +81,7 @@ def draft_mistakes(cfg: Config, problems) -> dict[int, DraftMistake]:
         raise FileNotFoundError(
             f"data.draft_mistakes_from: no model.safetensors in {data.draft_mistakes_from!r}"
         )
-    with open(weights, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = weights_digest(data.draft_mistakes_from)
     meta = {
         "draft_sha256": digest,
         "problems": data.draft_mistake_problems,
