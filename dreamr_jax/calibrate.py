@@ -28,8 +28,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +48,7 @@ from dreamr_jax.models.inputs import prepare_inputs
 from dreamr_jax.models.kv_cache import init_cache
 from dreamr_jax.models.processor import left_pad, process_images
 from dreamr_jax.models.sampling import GREEDY
+from dreamr_jax.provenance import provenance
 from dreamr_jax.serve.checkpoints import (
     CALIBRATION_FILE,
     DEFAULT_DRAFT,
@@ -271,16 +270,6 @@ def plot_roc(right: np.ndarray, p: np.ndarray, alpha: float, path: str) -> None:
     plt.close(fig)
 
 
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default=str(DEFAULT_TARGET))
@@ -323,8 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "target": os.path.abspath(args.target),
         "target_sha256": weights_digest(args.target),
         "draft_sha256": weights_digest(args.draft),
-        "commit": _commit(),
-        "command": " ".join(["python -m dreamr_jax.calibrate", *(argv or sys.argv[1:])]),
+        **provenance(),
         "draft_steps": {
             "steps": len(pairs),
             "right": int(right.sum()),

@@ -21,6 +21,7 @@ from dreamr_jax.models.hf_io import load_pretrained, save_pretrained
 from dreamr_jax.models.init import init_model
 from dreamr_jax.models.processor import make_image_processor
 from dreamr_jax.parallel.mesh import mesh_from_config
+from dreamr_jax.provenance import provenance
 from dreamr_jax.serve.checkpoints import load_checkpoint, weights_digest
 from dreamr_jax.train.evaluate import greedy_solve, judge_auroc
 from dreamr_jax.train.trainer import Trainer
@@ -136,7 +137,12 @@ def run_sft(cfg: Config) -> dict:
     trainer = Trainer(cfg, model, dataset, cfg.output_dir, mesh)
     started = time.perf_counter()
     result = trainer.run(evaluate=lambda m: evaluate_model(cfg, m, builder, processor))
-    metrics = {**result.metrics, "wall_s": time.perf_counter() - started, "step": result.step}
+    metrics = {
+        **result.metrics,
+        "wall_s": time.perf_counter() - started,
+        "step": result.step,
+        **provenance(),
+    }
     export_dir = cfg.export_dir or os.path.join(cfg.output_dir, "hf")
     export_checkpoint(result.model, tokenizer, processor, export_dir)
     metrics["export_dir"] = export_dir
