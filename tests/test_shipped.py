@@ -34,7 +34,10 @@ def test_shipped_model_answers_a_fixed_problem(path):
         progress=False,
     )
     assert result["correct"], result["output"]
-    assert result["output"] == problem.reasoning
+    # Each model writes its own mix of wordings: every step is a correct wording of the gold one.
+    steps = result["output"].split(digitmath.STEP_DELIMITER)
+    assert len(steps) == len(problem.steps), result["output"]
+    assert all(digitmath.is_correct_step(problem, i, s) for i, s in enumerate(steps)), steps
 
 
 def test_shipped_target_in_transformers_has_our_logits():
