@@ -1,9 +1,10 @@
 """Batch inference: `python serve.py [CONFIG.yaml] [key=value ...]`.
 
 With no arguments it answers the DigitMath test split with the shipped target/draft pair in mode
-`dreamr` and prints a summary. Keys: `spec.mode` (target|draft|sd|specreason|lookahead|dreamr),
-`spec.alpha`, `spec.window`, `spec.fallback`, `target.path`, `draft.path`, `data.input` (JSONL),
-`data.limit`, `output` (JSONL), `seed`, ... (see `dreamr_jax/config/schema.py`, ServeConfig).
+`dreamr` and prints a summary. Keys: `spec.mode`
+(target|draft|sd|specreason|lookahead|exact|dreamr), `spec.alpha`, `spec.window`,
+`spec.fallback`, `target.path`, `draft.path`, `data.input` (JSONL), `data.limit`, `output`
+(JSONL), `seed`, ... (see `dreamr_jax/config/schema.py`, ServeConfig).
 Rerunning with the same `output` skips the ids already answered. A bad record gets an `error`
 line and the batch goes on; exit 2 for a config error, an output another run is writing, or one
 made with other settings; exit 1 when the process itself fails (out of memory, a broken model).

@@ -459,3 +459,10 @@ def test_one_verification_pass_is_bounded_as_a_whole():
 def test_a_config_path_that_is_a_folder_names_it(tmp_path):
     with pytest.raises(ConfigError, match="is a folder, not a YAML config file"):
         load_config(str(tmp_path))
+
+
+def test_exact_is_greedy():
+    load_config(None, ["spec.mode=exact"], cls=ServeConfig)
+    load_config(None, ["spec.mode=dreamr", "spec.temperature=1.0"], cls=ServeConfig)
+    with pytest.raises(ConfigError, match=r"spec\.temperature: mode exact is greedy"):
+        load_config(None, ["spec.mode=exact", "spec.temperature=1.0"], cls=ServeConfig)

@@ -1,7 +1,7 @@
 """The speculative engine on a tiny random pair (peaked logits, see tiny_pair.py): the invariants
-of DESIGN.md section 2 (sd greedy and dreamr with alpha >= 1 reproduce target greedy token for
-token), step generation and cache rollback, tree verification, and well-formed chains in every
-mode."""
+of DESIGN.md section 2 (sd greedy, exact, and dreamr with alpha >= 1 reproduce target greedy token
+for token), dreamr's device loop against its host loop, what a judge's verdicts commit, step
+generation and cache rollback, tree verification, and well-formed chains in every mode."""
 
 from __future__ import annotations
 
@@ -48,16 +48,17 @@ def target_outputs(pair, problems):
     "spec",
     [
         {"mode": "sd"},
+        {"mode": "exact"},
         {"mode": "dreamr", "alpha": 1.0, "fallback": "lazy"},
         {"mode": "dreamr", "alpha": 1.0, "fallback": "eager"},
         {"mode": "dreamr", "alpha": 1.0, "fallback": "resume"},
     ],
-    ids=["sd", "dreamr-alpha1-lazy", "dreamr-alpha1-eager", "dreamr-alpha1-resume"],
+    ids=["sd", "exact", "dreamr-alpha1-lazy", "dreamr-alpha1-eager", "dreamr-alpha1-resume"],
 )
 def test_greedy_invariants_reproduce_target(pair, problems, target_outputs, spec):
     _, solutions = _solve_all(pair, problems, **spec)
     assert [s.tokens for s in solutions] == target_outputs
-    if spec["mode"] == "dreamr":
+    if spec["mode"] in ("exact", "dreamr"):
         assert all(s.accepted == 0 and s.proposed > 0 for s in solutions)
 
 
@@ -72,27 +73,32 @@ def near_target(pair):
     return near
 
 
-@pytest.mark.parametrize("draft", ["draft", "target", "near-target"])
-def test_exact_loop_ends_the_chain_where_the_target_does(pair, problems, near_target, draft):
-    """dreamr at alpha 1 runs as one device loop (`exact.speculate_exact`). A window can commit
-    past the end of the step that crosses the budget (after a parting, the draft counts its
-    step from where it took over, not from where the target's began); the chain must still end
-    where the target alone ends it. Budgets 37 and 21 fall inside a step (the tiny target
-    writes 8-token steps); with the target as its own draft whole windows are committed."""
+@pytest.mark.parametrize(
+    "draft, mode",
+    [("draft", "exact"), ("target", "exact"), ("near-target", "exact"), ("near-target", "dreamr")],
+)
+def test_device_loop_ends_the_chain_where_the_target_does(pair, problems, near_target, draft, mode):
+    """exact, and dreamr at alpha 1 (its judge asked, never followed), run as one device loop
+    (`window_loop.speculate`). After a parting the draft finishes a step the target began: its
+    step must count the target's tokens, or the chain is cut elsewhere than the target alone
+    cuts it and ends elsewhere. Budgets 37 and 21 fall inside a step (the tiny target writes
+    8-token steps); with the target as its own draft whole windows are committed."""
     draft = {"draft": pair[1], "target": pair[0], "near-target": near_target}[draft]
     target = pair[0]
     for budget in (37, 21):
         spec = dataclasses.replace(SPEC, max_new_tokens=budget)
         alone = Engine(target, None, dataclasses.replace(spec, mode="target"))
-        exact = Engine(target, draft, dataclasses.replace(spec, mode="dreamr", alpha=1.0))
-        assert exact._exact
+        loop = Engine(target, draft, dataclasses.replace(spec, mode=mode, alpha=1.0))
+        assert loop._device_loop
         want = [alone.solve(p.question, [problem_image(p)]).tokens for p in problems[:6]]
-        got = [exact.solve(p.question, [problem_image(p)]).tokens for p in problems[:6]]
+        got = [loop.solve(p.question, [problem_image(p)]).tokens for p in problems[:6]]
         assert got == want
         assert any(len(w) > budget for w in want)  # some chains end past the budget
 
 
-@pytest.mark.parametrize("mode", ["dreamr", "dreamr-resume", "specreason", "lookahead", "draft"])
+@pytest.mark.parametrize(
+    "mode", ["dreamr", "dreamr-resume", "exact", "specreason", "lookahead", "draft"]
+)
 def test_modes_write_well_formed_chains(pair, problems, mode):
     mode, _, fallback = mode.partition("-")
     engine, solutions = _solve_all(pair, problems[:4], mode=mode, fallback=fallback or "lazy")
@@ -105,6 +111,107 @@ def test_modes_write_well_formed_chains(pair, problems, mode):
         assert all(s.author in ("draft", "target") for s in sol.steps)
         if mode != "draft":
             assert sol.proposed > 0 and sol.target_calls > 0
+
+
+# Judges made of the tiny target's next-token distribution after the judge suffix, by choosing
+# its "yes" and "no" words (the builder's positive and negative ids). MIXED: yes = the ids that
+# leave 1 divided by 4, no = those that leave 3; the random target's likeliest answers fall in
+# both and outside both, so p spreads over (0, 1) and about a fifth of the verdicts miss the
+# format floor.
+VOCAB = 512  # the tiny pair's vocabulary (configs/models/tiny.yaml)
+MIXED = (tuple(range(1, VOCAB, 4)), tuple(range(3, VOCAB, 4)))
+
+
+def _judged(engine: Engine, judge: tuple[tuple[int, ...], tuple[int, ...]]) -> Engine:
+    positive, negative = judge
+    engine.builder = dataclasses.replace(
+        engine.builder, positive_ids=positive, negative_ids=negative
+    )
+    return engine
+
+
+def _records(sol):
+    return [(s.text, s.author, s.committed, s.accepted, s.p is None) for s in sol.steps]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.7, 0.9])
+def test_device_loop_commits_what_the_host_loop_commits(pair, problems, near_target, alpha):
+    """dreamr, greedy, `resume`: the device loop (`window_loop.speculate`) takes the decisions
+    of the host loop (`Engine._dreamr`): the same tokens, counters and step records (the
+    rejected draft steps included), with a judge that accepts some steps, rejects others and
+    misses the format on some, and a draft that writes the target's own steps, parts from them
+    partway (resume) or writes its own."""
+    seen = {"accepted": 0, "refused": 0, "format_misses": 0, "resumed": 0}
+    # The random draft doubts most of its steps: at confidence 0 its windows hold W steps, so
+    # steps after a rejected one are drafted (and judged) too.
+    for draft, confidence in ((pair[1], 0.0), (near_target, SPEC.draft_confidence)):
+        spec = dataclasses.replace(SPEC, mode="dreamr", alpha=alpha, draft_confidence=confidence)
+        device = _judged(Engine(pair[0], draft, spec), MIXED)
+        host = _judged(Engine(pair[0], draft, spec, host_loop=True), MIXED)
+        assert device._device_loop and not host._device_loop
+        for p in problems[:6]:
+            got = device.solve(p.question, [problem_image(p)])
+            want = host.solve(p.question, [problem_image(p)])
+            assert got.tokens == want.tokens
+            counters = (want.proposed, want.accepted, want.format_misses)
+            assert (got.proposed, got.accepted, got.format_misses) == counters
+            assert _records(got) == _records(want)
+            np.testing.assert_allclose(
+                [s.p for s in got.steps if s.p is not None],
+                [s.p for s in want.steps if s.p is not None],
+                atol=1e-4,
+            )
+            seen["accepted"] += want.accepted
+            seen["refused"] += sum(s.author == "draft" and not s.committed for s in want.steps)
+            seen["format_misses"] += want.format_misses
+            ends = set(device.target.stop_ids) | device.eos
+            seen["resumed"] += sum(
+                s.author == "target" and s.tokens[-1] not in ends for s in want.steps
+            )
+    # Every kind of decision was taken (at alpha 0 only a format miss rejects).
+    assert all(seen.values()), seen
+
+
+@pytest.mark.parametrize("loop", ["device", "host"])
+def test_steps_the_judge_accepts_are_committed_as_the_draft_wrote_them(pair, problems, loop):
+    """A judge that says yes to every step (all its mass on the "yes" words): dreamr commits
+    the draft's steps as they are, so its chain is the draft's own."""
+    everything = (tuple(range(1, VOCAB)), (0,))
+    spec = dataclasses.replace(SPEC, mode="dreamr")
+    engine = _judged(Engine(*pair, spec, host_loop=loop == "host"), everything)
+    alone = Engine(*pair, dataclasses.replace(SPEC, mode="draft"))
+    for p in problems[:4]:
+        sol = engine.solve(p.question, [problem_image(p)])
+        assert sol.tokens == alone.solve(p.question, [problem_image(p)]).tokens
+        assert sol.accepted == sol.proposed > 0
+        assert all(s.author == "draft" and s.accepted and s.p > spec.alpha for s in sol.steps)
+
+
+@pytest.mark.parametrize("fallback", ["lazy", "eager", "resume", "resume-host"])
+def test_a_rejected_step_is_replaced_by_the_target_s(pair, problems, target_outputs, fallback):
+    """A judge that says no to every step (in format: its mass on the "no" words), at the
+    default alpha: every window's first step that is not the target's own is rejected, and
+    the fallback commits the target's tokens in its place (its whole step, or with `resume`
+    up to its first token that differs from the rejected step's), so the chain is the
+    target's."""
+    fallback, _, host = fallback.partition("-")
+    spec = dataclasses.replace(SPEC, mode="dreamr", fallback=fallback)
+    nothing = ((0,), tuple(range(1, VOCAB)))
+    engine = _judged(Engine(*pair, spec, host_loop=bool(host)), nothing)
+    for p, want in zip(problems[:4], target_outputs, strict=False):
+        sol = engine.solve(p.question, [problem_image(p)])
+        assert sol.tokens == want
+        assert sol.accepted == sol.format_misses == 0 < sol.proposed
+        rejected = [i for i, s in enumerate(sol.steps) if not s.committed]
+        assert rejected and all(sol.steps[i].p < spec.alpha for i in rejected)
+        for i in rejected:  # the target's tokens in its place: up to where they part, or all
+            step, fallback_step = sol.steps[i].tokens, sol.steps[i + 1].tokens
+            assert sol.steps[i + 1].author == "target"
+            same = np.asarray(step[: len(fallback_step)]) == fallback_step[: len(step)]
+            parted = int(np.argmin(same)) if not same.all() else len(same)
+            assert step == fallback_step or parted < min(len(step), len(fallback_step))
+            if fallback == "resume":
+                assert len(fallback_step) in (parted + 1, len(step))
 
 
 def test_sd_sampling_emits_tokens_distributed_as_the_target():
@@ -160,12 +267,17 @@ def test_rollback_then_regenerate_gives_the_same_step(pair, problems):
     np.testing.assert_allclose(np.asarray(chunk[0]), np.stack(stepwise), atol=2e-4)
 
 
-def test_rejected_steps_the_target_agrees_with_cost_no_decoding(pair, problems, target_outputs):
+@pytest.mark.parametrize("fallback", ["lazy", "resume"], ids=["host-loop", "device-loop"])
+def test_rejected_steps_the_target_agrees_with_cost_no_decoding(
+    pair, problems, target_outputs, fallback
+):
     """The target as its own draft, with alpha 1: the judge rejects every step, yet each is the
     target's own greedy step, which the verification pass has already computed token by token:
     it is committed from there with no decoding, and the window goes on (one target call, the
     verification pass, per window of W steps)."""
-    spec = dataclasses.replace(SPEC, mode="dreamr", alpha=1.0, draft_confidence=0.0)
+    spec = dataclasses.replace(
+        SPEC, mode="dreamr", alpha=1.0, draft_confidence=0.0, fallback=fallback
+    )
     engine = Engine(pair[0], pair[0], spec)
     solutions = [engine.solve(p.question, [problem_image(p)]) for p in problems]
     assert [s.tokens for s in solutions] == target_outputs

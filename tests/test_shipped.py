@@ -65,15 +65,38 @@ def _outputs(pair, problems, **spec):
     return [engine.solve(p.question, [problem_image(p)]) for p in problems]
 
 
-def test_shipped_pair_sd_and_dreamr_alpha1_reproduce_target(shipped_pair):
-    """DESIGN.md section 2's invariants on the real pair: greedy sd, and dreamr with a judge that
-    accepts nothing (alpha = 1, every fallback), write exactly the target's tokens on 50 test
-    problems."""
+def test_shipped_pair_sd_exact_and_dreamr_alpha1_reproduce_target(shipped_pair):
+    """DESIGN.md section 2's invariants on the real pair: greedy sd, exact, and dreamr with a
+    judge that accepts nothing (alpha = 1, every fallback), write exactly the target's tokens on
+    50 test problems."""
     problems = digitmath.generate_problems("test", N_INVARIANT, 0)
     want = [s.tokens for s in _outputs(shipped_pair, problems, mode="target")]
     sd = _outputs(shipped_pair, problems, mode="sd")
     assert [s.tokens for s in sd] == want
     assert sum(s.accepted for s in sd) > 0  # the draft's tokens really were used
+    assert [s.tokens for s in _outputs(shipped_pair, problems, mode="exact")] == want
     for fallback in FALLBACKS:
         dreamr = _outputs(shipped_pair, problems, mode="dreamr", alpha=1.0, fallback=fallback)
         assert [s.tokens for s in dreamr] == want, fallback
+
+
+def test_shipped_pair_dreamr_device_loop_commits_what_the_host_loop_commits(shipped_pair):
+    """At the shipped default (alpha 0.7, resume), with the trained judge: dreamr's device loop
+    and its host loop commit the same chains, counters and step records on 20 test problems."""
+    problems = digitmath.generate_problems("test", 20, 0)
+    device = Engine(*shipped_pair, SpecConfig())
+    host = Engine(*shipped_pair, SpecConfig(), host_loop=True)
+    assert device._device_loop and not host._device_loop
+    accepted = proposed = 0
+    for p in problems:
+        got = device.solve(p.question, [problem_image(p)])
+        want = host.solve(p.question, [problem_image(p)])
+        assert got.tokens == want.tokens
+        counters = (want.proposed, want.accepted, want.format_misses)
+        assert (got.proposed, got.accepted, got.format_misses) == counters
+        records = [
+            [(s.text, s.author, s.committed, s.accepted) for s in x.steps] for x in (got, want)
+        ]
+        assert records[0] == records[1]
+        accepted, proposed = accepted + want.accepted, proposed + want.proposed
+    assert 0 < accepted < proposed  # the judge's word was taken, both ways

@@ -423,7 +423,7 @@ class EvalConfig:
             _fail(f"{prefix}.problems", "must be non-negative")
 
 
-MODES = ("target", "draft", "sd", "specreason", "lookahead", "dreamr")
+MODES = ("target", "draft", "sd", "specreason", "lookahead", "exact", "dreamr")
 FALLBACKS = ("lazy", "eager", "resume")
 
 
@@ -432,15 +432,19 @@ class SpecConfig:
     """The decoding mode and its knobs (DESIGN.md sections 1-2)."""
 
     mode: str = "dreamr"
-    alpha: float = 0.7  # CPN accepts a step iff p > alpha; alpha >= 1 never accepts
-    window: int = 4  # W: draft steps verified together (dreamr, lookahead)
+    # dreamr: CPN accepts a step iff p > alpha; alpha >= 1 never accepts (the judge is still
+    # asked: the output is the target's, at the judge's cost; the judge-free path is `exact`)
+    alpha: float = 0.7
+    window: int = 4  # W: draft steps verified together (exact, dreamr, lookahead)
     format_floor: float = 0.05  # s+ + s- below this: the judge ignored the format -> reject
     # dreamr: the target's step after a rejection (lazy), for every position alongside the
     # checks (eager), or, greedy, only up to its first token that differs from the rejected
-    # step's, the draft writing the rest (resume; sampling decodes the whole step as lazy does)
+    # step's, the draft writing the rest (resume; sampling decodes the whole step as lazy does).
+    # `exact` always resumes.
     fallback: str = "resume"
-    # dreamr: a draft window ends after a step in which the draft drew a token with probability
-    # below this (0 = always W steps): the steps after a doubtful one are likely thrown away
+    # exact, dreamr: a draft window ends after a step in which the draft drew a token with
+    # probability below this (0 = always W steps): the steps after a doubtful one are likely
+    # thrown away
     draft_confidence: float = 0.8
     max_step_tokens: int = 48  # a step is cut here if it has not reached the delimiter
     max_new_tokens: int = 256  # whole chain
@@ -451,6 +455,8 @@ class SpecConfig:
     def validate(self, prefix: str = "spec") -> None:
         if self.mode not in MODES:
             _fail(f"{prefix}.mode", f"unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.mode == "exact" and self.temperature > 0:
+            _fail(f"{prefix}.temperature", "mode exact is greedy (sd samples losslessly)")
         if self.fallback not in FALLBACKS:
             _fail(f"{prefix}.fallback", f"{self.fallback!r} is not one of {FALLBACKS}")
         if not 0 <= self.alpha:

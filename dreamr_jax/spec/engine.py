@@ -1,4 +1,4 @@
-"""One engine, six decoding modes (DESIGN.md section 2), over one target and one draft.
+"""One engine, seven decoding modes (DESIGN.md section 2), over one target and one draft.
 
 Every mode answers one request (images + question) at a time, so latencies are per problem; the
 parallelism of a mode comes from batching inside it: CPN verifies the W drafted steps of a window
@@ -14,11 +14,18 @@ Modes:
 - `lookahead`: draft W steps, the target writes its own step at all W+1 positions in one batched
   pass; accept while equal (after whitespace normalisation), else while the target's CPN judge
   accepts the draft step; the target's step replaces the first rejected one (or is a bonus step).
+- `exact`: draft W steps, the target keeps the longest prefix of them that equals its own greedy
+  tokens, then its own token where they part, and asks no judge: exactly the target's greedy
+  chain (greedy only; one device loop, `window_loop.py`). A lossless baseline, not DREAM-R.
 - `dreamr`: CPN + FPSR: draft W steps, verify all W with one batched CPN pass, commit up to the
   first rejection and the target's step there (computed after the rejection with `lazy`, or for
   every position alongside the checks with `eager`), roll both caches back, next window. Greedy,
   `resume` commits the target's step only up to its first token that differs from the rejected
-  step's; the draft's next window starts by finishing that step.
+  step's; the draft's next window starts by finishing that step. Greedy `resume` (the default)
+  runs as one device loop (`window_loop.py`); the other fallbacks, and sampling, as a host loop
+  with a device call per draft window and per verification. The judge is asked at every alpha:
+  at alpha >= 1 it never accepts, so the output is the target's, at the judge's cost (the
+  judge-free path is `exact`).
 """
 
 from __future__ import annotations
@@ -36,7 +43,6 @@ from dreamr_jax.models.inputs import pad_vision, prepare_inputs
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.models.sampling import Sampling, filter_logits
 from dreamr_jax.spec.cpn import cpn_verdicts
-from dreamr_jax.spec.exact import ExactSpec, speculate_exact
 from dreamr_jax.spec.runner import (
     ModelRunner,
     Session,
@@ -45,6 +51,7 @@ from dreamr_jax.spec.runner import (
     select_rows,
     truncate,
 )
+from dreamr_jax.spec.window_loop import LoopSpec, speculate
 
 # Prompts are left-padded to a multiple of this, so few shapes are ever compiled; prefill is
 # compute-bound, so padding a DigitMath prompt of 33-48 tokens to 64 cost a third of it.
@@ -184,9 +191,11 @@ class Verification:
 
 
 class Engine:
-    def __init__(self, target, draft, spec: SpecConfig, *, seed: int = 0):
-        """target, draft: `LoadedModel`s (draft may be None for mode `target`)."""
-        self.spec, self.seed = spec, seed
+    def __init__(self, target, draft, spec: SpecConfig, *, seed: int = 0, host_loop=False):
+        """target, draft: `LoadedModel`s (draft may be None for mode `target`). `host_loop`:
+        run `dreamr` as the host loop also where the device loop applies (greedy, `resume`):
+        the reference the device loop is tested against, and its timing baseline."""
+        self.spec, self.seed, self.host_loop = spec, seed, host_loop
         self.builder = target.builder
         self.processor = target.processor
         delimiter = target.builder.prompt.step_delimiter
@@ -235,7 +244,7 @@ class Engine:
         tokens stay below max_new_tokens + max_step_tokens, and a target step written in place
         of a drafted one (a fallback) starts where that step did. Chunk padding needs no room
         (the cache drops writes past its end). On top of the chain only what a mode writes
-        after it: the judge suffixes of a verification pass (none at alpha >= 1), lookahead's
+        after it: the judge suffixes of a verification pass (none for `exact`), lookahead's
         bonus step after the whole window, sd's proposals."""
         s = self.spec
         need = -(-prompt_len // BUCKET) * BUCKET + s.max_new_tokens + s.max_step_tokens - 1
@@ -243,7 +252,7 @@ class Engine:
             need += len(self.builder.score_suffix_ids)
         elif s.mode == "lookahead":
             need += s.window * len(self.builder.judge_suffix_ids) + s.max_step_tokens
-        elif s.mode == "dreamr" and s.alpha < 1:
+        elif s.mode == "dreamr":
             need += self._most_steps * len(self.builder.judge_suffix_ids)
         elif s.mode == "sd":
             need += max(0, s.sd_tokens + 1 - s.max_step_tokens)
@@ -297,7 +306,7 @@ class Engine:
         or W rows for eager), and the draft taking a committed step of every padded length and
         dropping rejected steps."""
         self.solve(question, images)
-        if self.spec.mode not in ("dreamr", "lookahead", "specreason") or self._exact:
+        if self.spec.mode not in ("dreamr", "lookahead", "specreason") or self._device_loop:
             return
         ids, inputs = self.prompt(question, images)
         max_len = self.max_len(len(ids))
@@ -334,6 +343,13 @@ class Engine:
     def _done(self, tokens: list[int]) -> bool:
         return bool(tokens) and (tokens[-1] in self.eos or len(tokens) >= self.spec.max_new_tokens)
 
+    def _open_step(self, tokens: list[int]) -> int:
+        """Tokens of the chain's last step if it is not finished: since the last stop token,
+        less the whole steps the cap cut there (as `generate_steps` cuts)."""
+        ends = set(self.target.stop_ids) | self.eos
+        run = next((i for i, token in enumerate(reversed(tokens)) if token in ends), len(tokens))
+        return run % self.spec.max_step_tokens
+
     def _autoregressive(self, runner: ModelRunner, author: str, inputs, max_len) -> Solution:
         """The whole chain in one device loop (`generate_steps` with a window as long as the
         budget), cut into steps as the other modes cut theirs. Step by step, with a host round
@@ -359,8 +375,9 @@ class Engine:
         sol.tokens += step
         sol.steps.append(StepRecord(self.decode(step), author, step, **record))
 
-    def _draft_window(self, d: Session, sol: Solution, limit: int):
-        """Up to `limit` draft steps, in one device call. Returns (steps, marks `[1, limit + 1,
+    def _draft_window(self, d: Session, sol: Solution, limit: int, in_step: int = 0):
+        """Up to `limit` draft steps, in one device call, the first of which holds `in_step`
+        committed tokens already (`generate_steps`). Returns (steps, marks `[1, limit + 1,
         vocab]`: the draft's logits before each step and after the last, session)."""
         budget = self.spec.max_new_tokens - len(sol.tokens)
         # Keyed by the position the window starts at, so sampled steps get fresh randomness.
@@ -368,7 +385,14 @@ class Engine:
         # Only dreamr's windows end early on a doubtful step: the peers keep their schedules.
         confidence = self.spec.draft_confidence if self.spec.mode == "dreamr" else None
         return self.draft.steps(
-            d, key, budget, limit, self.spec.max_step_tokens, self.sampling, confidence
+            d,
+            key,
+            budget,
+            limit,
+            self.spec.max_step_tokens,
+            self.sampling,
+            confidence,
+            in_step=in_step,
         )
 
     def _verify(
@@ -417,8 +441,11 @@ class Engine:
         (greedy decoding only)."""
         return self.sampling.greedy and v.agreement(steps, j) == len(steps[j])
 
-    def _target_step(self, sol: Solution, v: Verification, steps, kept: int, resume=False):
-        """The target's own step after the first `kept` drafted steps, its session, and the
+    def _target_step(
+        self, sol: Solution, v: Verification, steps, kept: int, resume=False, in_step: int = 0
+    ):
+        """The target's own step after the first `kept` drafted steps (after `in_step` tokens of
+        it already committed: the step a `resume` fallback left open), its session, and the
         step's last token if the session does not hold it yet (`resume`), else None.
 
         Greedy, most of it is read off the verification pass (`Verification.agreement`): its
@@ -441,42 +468,55 @@ class Engine:
             return list(draft_step), v.at([kept + 1]), None
         own = [*draft_step[:agree], int(v.greedy_tokens[start + agree])]
         ends = self.target.stop_ids + self.target.eos_ids
-        if resume and own[-1] not in ends and len(own) < cap:
+        room = cap - in_step - len(own)  # tokens the step may still take
+        if resume and own[-1] not in ends and room > 0:
             return own, v.cut(start + agree), own[-1]
         _, t = self.target.extend(v.cut(start + agree), [own[-1:]], [[0]])
         sol.target_calls += 1
-        if own[-1] in ends or len(own) >= cap:
+        if own[-1] in ends or room <= 0:
             return own, t, None
-        tokens, n, _, _, t = self.target.step(t, key, cap, self.sampling, limit=cap - len(own))
+        tokens, n, _, _, t = self.target.step(t, key, cap, self.sampling, limit=room)
         sol.target_calls += 1
         return own + self._take(tokens, n), t, None
 
-    def _target_takes_over(self, sol: Solution, v: Verification, d: Session, steps, marks, kept):
+    def _target_takes_over(
+        self, sol: Solution, v: Verification, d: Session, steps, marks, kept, in_step: int = 0
+    ):
         """The target writes the step after the first `kept` drafted steps (`_target_step`);
         it is committed and the draft resynchronised. Returns the target and draft sessions and
         the token pending for the target (`_target_step`)."""
-        new_step, t, pending = self._target_step(sol, v, steps, kept, self._resumes)
+        new_step, t, pending = self._target_step(sol, v, steps, kept, self._resumes, in_step)
         self._commit(sol, new_step, "target")
         return t, self._resync_draft(d, steps, marks, kept, new_step), pending
 
     @property
-    def _exact(self) -> bool:
-        """Whether dreamr runs as one device loop (`exact.speculate_exact`): alpha >= 1, greedy,
-        `resume`, where what is committed is exactly the target's greedy chain."""
+    def _device_loop(self) -> bool:
+        """Whether the mode runs as one device loop (`window_loop.speculate`): `exact`, and
+        `dreamr` greedy with the `resume` fallback (unless `host_loop`)."""
         s = self.spec
-        return s.mode == "dreamr" and s.alpha >= 1 and self._resumes and self.sampling.greedy
+        if s.mode == "exact":
+            return True
+        greedy_resume = self._resumes and self.sampling.greedy
+        return s.mode == "dreamr" and greedy_resume and not self.host_loop
 
-    def _dreamr_exact(self, t: Session, d: Session) -> Solution:
-        s = self.spec
-        shape = ExactSpec(
+    def _exact(self, t: Session, d: Session) -> Solution:
+        return self._speculate(t, d, judged=False)
+
+    def _speculate(self, t: Session, d: Session, judged: bool) -> Solution:
+        """The whole chain in one device call (`window_loop.speculate`), with the judge
+        (`dreamr`) or without (`exact`)."""
+        s, b = self.spec, self.builder
+        judge = (b.judge_suffix_ids, b.positive_ids, b.negative_ids) if judged else ()
+        shape = LoopSpec(
             s.window,
             s.max_step_tokens,
             s.max_new_tokens,
             self.target.stop_ids,
             self.target.eos_ids,
             self.target.pad_id,
+            *judge,
         )
-        results = speculate_exact(
+        results = speculate(
             self.target.graphdef,
             self.target.state,
             self.draft.graphdef,
@@ -487,30 +527,60 @@ class Engine:
             d.logits,
             shape,
             np.float32(s.draft_confidence),
+            np.float32(s.alpha),
+            np.float32(s.format_floor),
         )
-        out, n, passes, proposed = jax.device_get(results)  # one host read for the whole chain
-        tokens = out[: int(n)].tolist()
-        # Every committed token is the target's own choice; the draft's rejected steps are not
-        # kept (the host loop records them).
-        return Solution(tokens, self._split_steps(tokens), int(proposed), 0, int(passes))
+        r = jax.device_get(results)  # one host read for the whole chain
+        n = int(r["n"])
+        return Solution(
+            r["tokens"][:n].tolist(),
+            self._records(r, n),
+            proposed=int(r["proposed"]),
+            accepted=int(r["accepted"]),
+            target_calls=int(r["passes"]),
+            format_misses=int(r["format_misses"]),
+        )
+
+    def _records(self, r: dict, n: int) -> list[StepRecord]:
+        """The host loop's step records, from what the device loop keeps (`speculate`): the
+        committed units in order, each draft step that was not kept just before the target's
+        tokens that replaced it, and a step the judge refused but the target would have written
+        itself both as that refused draft step and as the target's."""
+        dropped = {
+            int(at): (r["dropped"][w, :length].tolist(), float(r["dropped_p"][w]))
+            for w, (at, length) in enumerate(zip(r["dropped_at"], r["dropped_len"], strict=True))
+            if length > 0
+        }
+        tokens, records, start = r["tokens"][:n].tolist(), [], 0
+        for end in np.flatnonzero(r["unit_end"][:n]) + 1:
+            if start in dropped:
+                step, p = dropped[start]
+                p = None if np.isnan(p) else p
+                records.append(StepRecord(self.decode(step), "draft", step, p, False, False))
+            unit, p = tokens[start:end], float(r["unit_p"][end - 1])
+            text = self.decode(unit)
+            if r["by_draft"][end - 1]:
+                records.append(StepRecord(text, "draft", unit, p, True))
+            else:
+                if not np.isnan(p):
+                    records.append(StepRecord(text, "draft", unit, p, False, False))
+                records.append(StepRecord(text, "target", unit))
+            start = end
+        return records
 
     def _dreamr(self, t: Session, d: Session) -> Solution:
-        if self._exact:
-            return self._dreamr_exact(t, d)
+        if self._device_loop:
+            return self._speculate(t, d, judged=True)
         sol = Solution([], [])
         eager = self.spec.fallback == "eager"
-        # alpha >= 1 accepts nothing, so the passes ask no judge queries: they only compute the
-        # target's greedy tokens, which commit the steps it would write itself.
-        judged = self.spec.alpha < 1
-        suffix = None if judged else []
         pending = None  # the last token of a `resume` fallback, not yet in the target's cache
-        while not self._done(sol.tokens):
-            limit = self.spec.window + (pending is not None)
-            steps, marks, d = self._draft_window(d, sol, limit)
-            if not steps:
-                break
+        # A pending token leaves its step open: the chain goes on to that step's end.
+        while pending is not None or not self._done(sol.tokens):
+            open_step = self._open_step(sol.tokens) if pending is not None else 0
+            limit = self.spec.window + (open_step > 0)
+            steps, marks, d = self._draft_window(d, sol, limit, open_step)
             k = len(steps)
-            v, pending = self._verify(t, steps, suffix, pending=pending), None
+            v, pending = self._verify(t, steps, pending=pending), None
             sol.target_calls += 1
             if eager:  # the target's step at every position, dispatched before any verdict
                 # (always W rows, so one program serves every window)
@@ -521,11 +591,9 @@ class Engine:
                     self.sampling,
                 )
                 sol.target_calls += 1
-            ok, p = np.zeros(k, bool), [None] * k
-            if judged:
-                verdicts = self._cpn(v.verdict_logits)
-                ok, p = verdicts.accept[:k], verdicts.p[:k].tolist()
-                sol.format_misses += int(np.sum(~verdicts.format_ok[:k]))
+            verdicts = self._cpn(v.verdict_logits)
+            ok, p = verdicts.accept[:k], verdicts.p[:k].tolist()
+            sol.format_misses += int(np.sum(~verdicts.format_ok[:k]))
             sol.proposed += k
             kept = 0
             while kept < k:
@@ -547,7 +615,8 @@ class Engine:
                 t = v.at([k])
                 continue
             if not eager:
-                t, d, pending = self._target_takes_over(sol, v, d, steps, marks, kept)
+                in_step = open_step if kept == 0 else 0
+                t, d, pending = self._target_takes_over(sol, v, d, steps, marks, kept, in_step)
                 continue
             tokens, n, _, _, batch = fallback
             new_step = self._take(tokens, n, kept)

@@ -200,6 +200,7 @@ def generate_steps(
     min_confidence=None,
     step_limit=None,
     *,
+    in_step,
     keep_marks: bool = True,
 ):
     """Up to `max_steps` steps per row in one device loop (a draft window): no host round trip
@@ -209,7 +210,11 @@ def generate_steps(
     kept: it is the one to check, and what the row would write after it is likely to be thrown
     away). Each step ends as in `generate_step`. `step_limit` (traced, at most `max_steps`)
     lowers the step count without a new program. Without `keep_marks` the marks are a
-    `[batch, 1, vocab]` placeholder (callers that never roll back to a step's end).
+    `[batch, 1, vocab]` placeholder (callers that never roll back to a step's end). `in_step`
+    `[batch]`: tokens of each row's current step already in the cache (0 at a step boundary;
+    more where the target began the step and left it to the draft, the `resume` fallback), so
+    the first step reaches `max_step_tokens` that much sooner and every step is cut where the
+    target alone would cut it.
 
     Returns tokens `[batch, max_steps * max_step_tokens]` (-1 past the end), ends `[batch,
     max_steps]` (tokens written through each step, 0 for steps not written), the number of steps
@@ -261,7 +266,7 @@ def generate_steps(
         jnp.full((b, max_steps * max_step_tokens), -1, jnp.int32),
         jnp.ones((b,), bool),
         zeros,
-        zeros,
+        jnp.asarray(in_step, jnp.int32),
         jnp.ones((b,), jnp.float32),
         zeros,
         jnp.zeros((b, max_steps), jnp.int32),
@@ -467,12 +472,14 @@ class ModelRunner:
         sampling: Sampling = GREEDY,
         min_confidence: float | None = None,
         keep_marks: bool = True,
+        in_step: int = 0,
     ) -> tuple[list[list[int]], jax.Array, Session]:
         """Up to `max_steps` steps of a one-row session in one device call (`generate_steps`),
         stopping after EOS, once `budget` tokens are written or after a step with a token drawn
-        at probability below `min_confidence`. Returns (the steps as token lists, marks `[1,
-        max_steps + 1, vocab]`: the logits before each step and after the last, or a placeholder
-        without `keep_marks`, the session after the steps). Donates `session`."""
+        at probability below `min_confidence`; the first step holds `in_step` tokens already
+        (`generate_steps`). Returns (the steps as token lists, marks `[1, max_steps + 1,
+        vocab]`: the logits before each step and after the last, or a placeholder without
+        `keep_marks`, the session after the steps). Donates `session`."""
         tokens, ends, count, marks, cache, logits = generate_steps(
             self.graphdef,
             self.state,
@@ -486,6 +493,7 @@ class ModelRunner:
             self.stop_ids,
             self.eos_ids,
             None if min_confidence is None else np.float32(min_confidence),
+            in_step=np.full((session.batch,), in_step, np.int32),
             keep_marks=keep_marks,
         )
         tokens, ends, count = jax.device_get((tokens, ends, count))  # one host read
