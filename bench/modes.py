@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from dreamr_jax.config.schema import FALLBACKS, PromptConfig, SpecConfig
+from dreamr_jax.config.schema import DEFAULT_ALPHA, FALLBACKS, PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
 from dreamr_jax.serve.batch import warm_up
@@ -80,7 +80,7 @@ def main() -> None:
 
     prompt = PromptConfig()
     target, draft = load_checkpoint(args.target, prompt), load_checkpoint(args.draft, prompt)
-    base = SpecConfig()
+    base = SpecConfig(alpha=DEFAULT_ALPHA)
     configs: dict[str, SpecConfig] = {
         "target": dataclasses.replace(base, mode="target"),
         "draft": dataclasses.replace(base, mode="draft"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -19,8 +20,12 @@ from PIL import Image
 from tiny_pair import make_tiny_pair
 
 import serve
+from dreamr_jax.config import load_config
+from dreamr_jax.config.schema import DEFAULT_ALPHA, ServeConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.serve import batch
+from dreamr_jax.serve.checkpoints import CALIBRATION_FILE, weights_digest
+from dreamr_jax.serve.main import with_pair_alpha
 from dreamr_jax.spec.engine import Engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -295,3 +300,16 @@ def test_bad_config_or_path_fails_before_any_work(override, key, tmp_path, capsy
 def test_a_config_path_that_is_a_folder_is_a_config_error(tmp_path, capsys):
     assert serve.main([str(tmp_path), f"output={tmp_path / 'out.jsonl'}"]) == 2
     assert "is a folder, not a YAML config file" in capsys.readouterr().err
+
+
+def test_serving_takes_the_pairs_calibrated_alpha_unless_one_is_given(models, tmp_path):
+    target = next(m.split("=", 1)[1] for m in models if m.startswith("target.path="))
+    draft = tmp_path / "draft"
+    shutil.copytree(next(m.split("=", 1)[1] for m in models if m.startswith("draft.path=")), draft)
+    paths = [f"target.path={target}", f"draft.path={draft}"]
+    assert with_pair_alpha(load_config(None, paths, cls=ServeConfig)).spec.alpha == DEFAULT_ALPHA
+    calibration = {"alpha": 0.42, "target_sha256": weights_digest(target)}
+    (draft / CALIBRATION_FILE).write_text(json.dumps(calibration))
+    assert with_pair_alpha(load_config(None, paths, cls=ServeConfig)).spec.alpha == 0.42
+    given = load_config(None, [*paths, "spec.alpha=0.9"], cls=ServeConfig)
+    assert with_pair_alpha(given).spec.alpha == 0.9

@@ -423,6 +423,7 @@ class EvalConfig:
             _fail(f"{prefix}.problems", "must be non-negative")
 
 
+DEFAULT_ALPHA = 0.7  # the paper's CPN threshold
 MODES = ("target", "draft", "sd", "specreason", "lookahead", "exact", "dreamr")
 FALLBACKS = ("lazy", "eager", "resume")
 
@@ -434,7 +435,9 @@ class SpecConfig:
     mode: str = "dreamr"
     # dreamr: CPN accepts a step iff p > alpha; alpha >= 1 never accepts (the judge is still
     # asked: the output is the target's, at the judge's cost; the judge-free path is `exact`)
-    alpha: float = 0.7
+    # None: the pair's calibrated alpha where serve.py finds one (`python -m dreamr_jax.calibrate`
+    # stores it with the draft), else DEFAULT_ALPHA
+    alpha: float | None = None
     window: int = 4  # W: draft steps verified together (exact, dreamr, lookahead)
     format_floor: float = 0.05  # s+ + s- below this: the judge ignored the format -> reject
     # dreamr: the target's step after a rejection (lazy), for every position alongside the
@@ -459,7 +462,7 @@ class SpecConfig:
             _fail(f"{prefix}.temperature", "mode exact is greedy (sd samples losslessly)")
         if self.fallback not in FALLBACKS:
             _fail(f"{prefix}.fallback", f"{self.fallback!r} is not one of {FALLBACKS}")
-        if not 0 <= self.alpha:
+        if self.alpha is not None and not 0 <= self.alpha:
             _fail(f"{prefix}.alpha", f"must be >= 0, got {self.alpha}")
         if not 0 <= self.draft_confidence <= 1:
             _fail(f"{prefix}.draft_confidence", f"must be in [0, 1], got {self.draft_confidence}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -9,10 +10,16 @@ import sys
 import jax
 
 from dreamr_jax.config import ConfigError
-from dreamr_jax.config.schema import ServeConfig
+from dreamr_jax.config.schema import DEFAULT_ALPHA, ServeConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.serve.batch import serve
-from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET, load_checkpoint
+from dreamr_jax.serve.checkpoints import (
+    CALIBRATION_FILE,
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    calibrated_alpha,
+    load_checkpoint,
+)
 from dreamr_jax.spec.engine import Engine
 
 
@@ -57,6 +64,23 @@ def check_paths(cfg: ServeConfig) -> None:
         fail("compilation_cache", f"{cfg.compilation_cache} is a file, not a folder")
 
 
+def with_pair_alpha(cfg: ServeConfig) -> ServeConfig:
+    """`cfg` with `spec.alpha` decided: as given, else the alpha calibrated for this (target,
+    draft) pair (`python -m dreamr_jax.calibrate`), else DEFAULT_ALPHA."""
+    if cfg.spec.alpha is not None:
+        return cfg
+    target = cfg.target.path or DEFAULT_TARGET
+    draft = cfg.draft.path or DEFAULT_DRAFT
+    alpha = calibrated_alpha(target, draft)
+    if alpha is None:
+        alpha, why = DEFAULT_ALPHA, "the default; this pair has no calibration"
+    else:
+        why = f"calibrated for this pair: {os.path.join(draft, CALIBRATION_FILE)}"
+    if cfg.spec.mode == "dreamr":
+        print(f"spec.alpha={alpha} ({why})", file=sys.stderr)
+    return dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, alpha=alpha))
+
+
 def build_engine(cfg: ServeConfig) -> Engine:
     target = load_checkpoint(cfg.target.path or DEFAULT_TARGET, cfg.prompt, dtype=cfg.target.dtype)
     draft = None
@@ -93,6 +117,7 @@ def run(cfg: ServeConfig) -> dict:
     """serve.py's run; raises ConfigError (bad paths), OutputInUseError (another run writes the
     output), MixedSettingsError, or ServeFailure (the process failed; the summary is written)."""
     check_paths(cfg)
+    cfg = with_pair_alpha(cfg)
     use_compilation_cache(cfg.compilation_cache)
     input_path = cfg.data.input or default_input(cfg)
     summary = serve(cfg, input_path, lambda: build_engine(cfg))

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreamr_jax.config.schema import SpecConfig
+from dreamr_jax.config.schema import DEFAULT_ALPHA, SpecConfig
 from dreamr_jax.models.inputs import pad_vision, prepare_inputs
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.models.sampling import Sampling, filter_logits
@@ -195,6 +195,8 @@ class Engine:
         """target, draft: `LoadedModel`s (draft may be None for mode `target`). `host_loop`:
         run `dreamr` as the host loop also where the device loop applies (greedy, `resume`):
         the reference the device loop is tested against, and its timing baseline."""
+        if spec.alpha is None:  # no pair-specific alpha given: the paper's
+            spec = dataclasses.replace(spec, alpha=DEFAULT_ALPHA)
         self.spec, self.seed, self.host_loop = spec, seed, host_loop
         self.builder = target.builder
         self.processor = target.processor
