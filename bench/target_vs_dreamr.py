@@ -1,44 +1,71 @@
-"""The target alone against `exact` (the judge-free lossless path) and `dreamr` (CPN at the shipped
-alpha), nothing else loaded: the same DigitMath test problems, the modes in rotating order
-problem by problem, in several passes back to back in one process. It shows the two methods side
-by side (a speedup of `exact` is not DREAM-R's) and how much each ratio moves with the machine
-between passes. `--modes` picks others: any mode, and `dreamr-host` (dreamr run by its host loop,
-the baseline of its device loop).
+"""The target alone against `exact` (the judge-free lossless path) and `dreamr` (CPN at the pair's
+calibrated alpha), nothing else loaded: the same DigitMath test problems, the modes in rotating
+order problem by problem, in several passes back to back in one process. It shows the two methods
+side by side (a speedup of `exact` is not DREAM-R's) and how much each ratio moves with the
+machine between passes; the summary gives the median of the passes and their spread. `--modes`
+picks others: any mode, and `dreamr-host` (dreamr run by its host loop, the baseline of its
+device loop).
 
-    python bench/target_vs_dreamr.py [--problems 200] [--passes 3] [--modes target,exact,dreamr]
+    python bench/target_vs_dreamr.py [--problems 500] [--passes 3] [--modes target,exact,dreamr]
+        [--alpha A] [--target T] [--draft D] [--out docs/pair.json]
+
+Counters beside the times, per problem: target passes (`target_calls`), the share of committed
+tokens the draft wrote, and tokens per chain.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 
-from dreamr_jax.config.schema import PromptConfig, SpecConfig
+from dreamr_jax.config.schema import DEFAULT_ALPHA, PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
+from dreamr_jax.provenance import provenance
 from dreamr_jax.serve.batch import warm_up
-from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET, load_checkpoint
-from dreamr_jax.spec.engine import Engine
+from dreamr_jax.serve.checkpoints import (
+    DEFAULT_DRAFT,
+    DEFAULT_TARGET,
+    calibrated_alpha,
+    load_checkpoint,
+)
+from dreamr_jax.spec.engine import Engine, Solution
+
+
+def draft_share(sol: Solution) -> float:
+    """Share of the committed tokens written by the draft."""
+    committed = [s for s in sol.steps if s.committed]
+    total = sum(len(s.tokens) for s in committed)
+    return sum(len(s.tokens) for s in committed if s.author == "draft") / max(1, total)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problems", type=int, default=200)
+    parser.add_argument("--problems", type=int, default=500)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--modes", default="target,exact,dreamr")
+    parser.add_argument("--alpha", type=float, default=None, help="default: the calibrated one")
+    parser.add_argument("--target", default=str(DEFAULT_TARGET))
+    parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    parser.add_argument("--out", default=None, help="JSON of every pass and the summary")
     args = parser.parse_args()
     names = args.modes.split(",")
     if "target" not in names:
         parser.error("--modes must include target: every ratio is against it")
+    calibrated = calibrated_alpha(args.target, args.draft)
+    alpha = args.alpha if args.alpha is not None else (calibrated or DEFAULT_ALPHA)
+    source = "given" if args.alpha is not None else "calibrated" if calibrated else "default"
+    print(f"alpha {alpha} ({source})")
     prompt = PromptConfig()
-    target = load_checkpoint(str(DEFAULT_TARGET), prompt)
-    draft = load_checkpoint(str(DEFAULT_DRAFT), prompt)
+    target = load_checkpoint(args.target, prompt)
+    draft = load_checkpoint(args.draft, prompt)
     engines = {
         name: Engine(
             target,
             draft,
-            SpecConfig(mode=name.removesuffix("-host")),
+            SpecConfig(mode=name.removesuffix("-host"), alpha=alpha),
             host_loop=name.endswith("-host"),
         )
         for name in names
@@ -47,29 +74,75 @@ def main() -> None:
         warm_up(engine, 2)
     problems = digitmath.generate_problems("test", args.problems, 0)
     images = [problem_image(p) for p in problems]
+    passes = []
     for n in range(args.passes):
-        latency: dict[str, list[float]] = {name: [] for name in names}
-        texts: dict[str, list[str]] = {name: [] for name in names}
-        correct: dict[str, list[bool]] = {name: [] for name in names}
+        rows: dict[str, list[dict]] = {name: [] for name in names}
         for i, (problem, image) in enumerate(zip(problems, images, strict=True)):
             for name in names[i % len(names) :] + names[: i % len(names)]:
                 sol = engines[name].solve(problem.question, [image])
                 text = engines[name].decode(sol.tokens)
-                latency[name].append(sol.latency_s)
-                texts[name].append(text)
                 answer = digitmath.extract_answer(text)
-                correct[name].append(digitmath.is_correct(answer, problem.answer))
-        base = np.array(latency["target"])
-        parts = []
+                rows[name].append(
+                    {
+                        "latency_s": sol.latency_s,
+                        "correct": digitmath.is_correct(answer, problem.answer),
+                        "target_calls": sol.target_calls,
+                        "draft_share": draft_share(sol),
+                        "tokens": len(sol.tokens),
+                        "text": text,
+                    }
+                )
+        base = np.array([r["latency_s"] for r in rows["target"]])
+        result = {}
         for name in names:
-            mine = np.array(latency[name])
-            same = np.mean([a == b for a, b in zip(texts[name], texts["target"], strict=True)])
-            parts.append(
-                f"{name} {mine.mean() * 1e3:.1f} ms {base.mean() / mine.mean():.2f}x "
-                f"(median per problem {np.median(base / mine):.2f}x), "
-                f"accuracy {np.mean(correct[name]):.1%}, output = target {same:.0%}"
-            )
-        print(f"pass {n}: " + "; ".join(parts), flush=True)
+            mine = np.array([r["latency_s"] for r in rows[name]])
+            pairs = zip(rows[name], rows["target"], strict=True)
+            same = np.mean([a["text"] == b["text"] for a, b in pairs])
+            result[name] = {
+                "ms": float(mine.mean() * 1e3),
+                "speedup": float(base.mean() / mine.mean()),
+                "accuracy": float(np.mean([r["correct"] for r in rows[name]])),
+                "target_calls": float(np.mean([r["target_calls"] for r in rows[name]])),
+                "draft_share": float(np.mean([r["draft_share"] for r in rows[name]])),
+                "tokens": float(np.mean([r["tokens"] for r in rows[name]])),
+                "output_equals_target": float(same),
+            }
+        passes.append(result)
+        print(
+            f"pass {n}: "
+            + "; ".join(
+                f"{name} {r['ms']:.1f} ms {r['speedup']:.2f}x acc {r['accuracy']:.1%} "
+                f"passes {r['target_calls']:.2f} draft {r['draft_share']:.0%} "
+                f"tokens {r['tokens']:.1f}"
+                for name, r in result.items()
+            ),
+            flush=True,
+        )
+    summary = {}
+    for name in names:
+        speedups = [p[name]["speedup"] for p in passes]
+        summary[name] = {
+            "speedup_median": float(np.median(speedups)),
+            "speedup_min": float(min(speedups)),
+            "speedup_max": float(max(speedups)),
+            **{k: passes[-1][name][k] for k in passes[-1][name] if k not in ("ms", "speedup")},
+        }
+        print(
+            f"{name}: median {summary[name]['speedup_median']:.2f}x "
+            f"({min(speedups):.2f}-{max(speedups):.2f}x over {len(passes)} passes)"
+        )
+    if args.out:
+        record = {
+            "alpha": alpha,
+            "problems": len(problems),
+            "target": args.target,
+            "draft": args.draft,
+            "passes": passes,
+            "summary": summary,
+            **provenance(),
+        }
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
 
 
 if __name__ == "__main__":
