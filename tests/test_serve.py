@@ -55,6 +55,11 @@ def data_dir(tmp_path_factory):
     return folder
 
 
+def _args(data_dir, out, models, *extra) -> list[str]:
+    """serve.py's arguments for the test split into `out`, without warm-up."""
+    return [f"data.input={data_dir / 'test.jsonl'}", f"output={out}", "warmup=0", *models, *extra]
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares a size and holds almost nothing: PIL reads the size from the header,
     so the test needs no gigapixel image to poison a record."""
@@ -166,28 +171,21 @@ def test_a_process_failure_stops_the_run_and_keeps_what_was_answered(
 
     monkeypatch.setattr(Engine, "answer", runs_out_of_memory_once)
     out = tmp_path / "out.jsonl"
-    args = [f"data.input={data_dir / 'test.jsonl'}", f"output={out}", "warmup=0", *models]
-    assert serve.main([*args, "spec.mode=target", "data.limit=3"]) == 1
+    args = _args(data_dir, out, models, "spec.mode=target", "data.limit=3")
+    assert serve.main(args) == 1
     message = capsys.readouterr().err
     assert "the run stopped: record 'test-00001' (line 2): MemoryError" in message
     assert "run the same command again" in message
     assert [r["id"] for r in _records(out)] == ["test-00000"]  # nothing recorded for test-00001
     assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["n"] == 1
     assert not (tmp_path / "out.jsonl.lock").exists()
-    assert serve.main([*args, "spec.mode=target", "data.limit=3"]) == 0
+    assert serve.main(args) == 0
     assert [r["id"] for r in _records(out)] == [f"test-{i:05d}" for i in range(3)]
 
 
 def test_a_damaged_output_line_is_moved_out_and_its_id_answered_again(data_dir, models, tmp_path):
     out = tmp_path / "out.jsonl"
-    args = [
-        f"data.input={data_dir / 'test.jsonl'}",
-        f"output={out}",
-        "spec.mode=target",
-        "warmup=0",
-        "data.limit=4",
-        *models,
-    ]
+    args = _args(data_dir, out, models, "spec.mode=target", "data.limit=4")
     assert serve.main(args) == 0
     lines = out.read_text().splitlines()
     middle = lines[1][: len(lines[1]) // 2]  # test-00001, cut in the middle
@@ -204,13 +202,13 @@ def test_a_damaged_output_line_is_moved_out_and_its_id_answered_again(data_dir, 
 
 def test_an_output_of_other_settings_is_refused_unless_asked(data_dir, models, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
-    args = [f"data.input={data_dir / 'test.jsonl'}", f"output={out}", "warmup=0", "data.limit=2"]
-    assert serve.main([*args, *models, "spec.mode=target"]) == 0
+    args = _args(data_dir, out, models, "data.limit=2")
+    assert serve.main([*args, "spec.mode=target"]) == 0
     before = out.read_text()
-    assert serve.main([*args, *models, "spec.mode=draft"]) == 2
+    assert serve.main([*args, "spec.mode=draft"]) == 2
     assert "spec.mode: 'target' there, 'draft' now" in capsys.readouterr().err
     assert out.read_text() == before
-    mixed = [*args, *models, "spec.mode=draft", "allow_mixed_settings=true", "data.limit=3"]
+    mixed = [*args, "spec.mode=draft", "allow_mixed_settings=true", "data.limit=3"]
     assert serve.main(mixed) == 0
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     assert summary["mode"] == "mixed" and summary["n"] == 3
@@ -220,13 +218,7 @@ def test_an_output_of_other_settings_is_refused_unless_asked(data_dir, models, t
 
 def test_two_runs_on_one_output_one_refuses_the_other_finishes(data_dir, models, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
-    args = [
-        f"data.input={data_dir / 'test.jsonl'}",
-        f"output={out}",
-        "spec.mode=target",
-        "warmup=0",
-        *models,
-    ]
+    args = _args(data_dir, out, models, "spec.mode=target")
     cmd = [sys.executable, "serve.py", *args]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lock = tmp_path / "out.jsonl.lock"
