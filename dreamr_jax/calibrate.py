@@ -281,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--out", default=None, help=f"default: <draft>/{CALIBRATION_FILE}")
     args = parser.parse_args(argv)
+    origin = provenance()  # at the start: commits made while it runs are not what it ran
     started = time.perf_counter()
     alphas = [float(a) for a in args.alphas.split(",")]
     base = SpecConfig()
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "target": os.path.abspath(args.target),
         "target_sha256": weights_digest(args.target),
         "draft_sha256": weights_digest(args.draft),
-        **provenance(),
+        **origin,
         "draft_steps": {
             "steps": len(pairs),
             "right": int(right.sum()),

@@ -124,6 +124,7 @@ def initial_model(cfg: Config, mesh):
 
 def run_sft(cfg: Config) -> dict:
     """Trains, evaluates and exports; returns the final metrics (also in <output_dir>/eval.json)."""
+    origin = provenance()  # at the start: commits made while it trains are not what it ran
     tokenizer = load_tokenizer(cfg.data)
     builder = PromptBuilder.create(tokenizer, cfg.model, cfg.prompt)
     processor = make_image_processor(cfg.model.vision)
@@ -141,7 +142,7 @@ def run_sft(cfg: Config) -> dict:
         **result.metrics,
         "wall_s": time.perf_counter() - started,
         "step": result.step,
-        **provenance(),
+        **origin,
     }
     export_dir = cfg.export_dir or os.path.join(cfg.output_dir, "hf")
     export_checkpoint(result.model, tokenizer, processor, export_dir)
