@@ -184,7 +184,8 @@ def test_steps_the_judge_accepts_are_committed_as_the_draft_wrote_them(pair, pro
         sol = engine.solve(p.question, [problem_image(p)])
         assert sol.tokens == alone.solve(p.question, [problem_image(p)]).tokens
         assert sol.accepted == sol.proposed > 0
-        assert all(s.author == "draft" and s.accepted and s.p > spec.alpha for s in sol.steps)
+        alpha = engine.spec.alpha  # the default, resolved by the engine
+        assert all(s.author == "draft" and s.accepted and s.p > alpha for s in sol.steps)
 
 
 @pytest.mark.parametrize("fallback", ["lazy", "eager", "resume", "resume-host"])
@@ -203,7 +204,7 @@ def test_a_rejected_step_is_replaced_by_the_target_s(pair, problems, target_outp
         assert sol.tokens == want
         assert sol.accepted == sol.format_misses == 0 < sol.proposed
         rejected = [i for i, s in enumerate(sol.steps) if not s.committed]
-        assert rejected and all(sol.steps[i].p < spec.alpha for i in rejected)
+        assert rejected and all(sol.steps[i].p < engine.spec.alpha for i in rejected)
         for i in rejected:  # the target's tokens in its place: up to where they part, or all
             step, fallback_step = sol.steps[i].tokens, sol.steps[i + 1].tokens
             assert sol.steps[i + 1].author == "target"
