@@ -9,6 +9,7 @@ id) to `<output>.damaged`, so that those ids are answered again and every id app
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -117,10 +118,8 @@ def _unusable(record: object, seen: dict[str, int]) -> str | None:
 def _id_of(raw: bytes, record: object) -> str:
     rid = record.get("id") if isinstance(record, dict) else None
     if rid is None and (match := _ID_OF_DAMAGED.match(raw)):
-        try:
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
             rid = json.loads(match.group(1))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
     return f" (id {rid!r})" if isinstance(rid, str) else ""
 
 
