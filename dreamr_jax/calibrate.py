@@ -201,9 +201,9 @@ def heldout_judging(target, n: int, *, batch_size: int, alpha: float) -> dict:
     }
 
 
-def paired_losses(target, draft, problems, alphas, *, base: SpecConfig) -> tuple[dict, list]:
+def paired_losses(target, draft, problems, alphas, *, base: SpecConfig) -> dict:
     """Per alpha: accuracy, paired loss against the target alone, its spread, mean latency.
-    Returns them and the target's per-problem correctness."""
+    The target alone's row is keyed "target"."""
     images = [problem_image(p) for p in problems]
 
     def run(spec: SpecConfig):
@@ -231,7 +231,7 @@ def paired_losses(target, draft, problems, alphas, *, base: SpecConfig) -> tuple
             "loss_sd": float(loss.std(ddof=1)),
             "mean_latency_s": latency_s,
         }
-    return table, alone.tolist()
+    return table
 
 
 def upper_bound(mean: float, sd: float, n: int, confidence: float) -> float:
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = judge_candidates(
         target, problems, [(s.problem, s.step, s.draft) for s in pairs], batch_size=args.batch_size
     )
-    table, _ = paired_losses(target, draft, problems, alphas, base=base)
+    table = paired_losses(target, draft, problems, alphas, base=base)
     alpha = pick_alpha(table, alphas, len(problems), args.budget, args.confidence)
     for a in alphas:
         table[str(a)]["loss_upper_bound"] = upper_bound(
