@@ -30,6 +30,19 @@ def test_the_smallest_alpha_within_the_budget_at_the_confidence_is_picked():
     assert pick_alpha(table, [0.5], n, budget=0.01, confidence=0.9) == 1.0
 
 
+def test_alphas_are_tested_from_the_safest_down_and_the_first_failure_stops_the_search():
+    n = 500
+    table = {
+        "0.5": _row(-0.010, 0.20),  # passes (bound 0.0015), but only below a failure
+        "0.7": _row(0.020, 0.20),  # fails
+        "0.8": _row(0.000, 0.10),
+        "0.9": _row(0.000, 0.06),
+    }
+    assert pick_alpha(table, [0.5, 0.7, 0.8, 0.9], n, budget=0.01, confidence=0.9) == 0.8
+    table["0.9"] = _row(0.020, 0.20)  # the safest fails: nothing below it is asked
+    assert pick_alpha(table, [0.5, 0.7, 0.8, 0.9], n, budget=0.01, confidence=0.9) == 1.0
+
+
 def test_serving_uses_a_calibration_only_with_the_target_it_was_made_with(tmp_path):
     target, other, draft = tmp_path / "target", tmp_path / "other", tmp_path / "draft"
     for folder, weights in ((target, b"target"), (other, b"other"), (draft, b"draft")):
