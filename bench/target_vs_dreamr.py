@@ -41,41 +41,14 @@ def draft_share(sol: Solution) -> float:
     return sum(len(s.tokens) for s in committed if s.author == "draft") / max(1, total)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problems", type=int, default=500)
-    parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--modes", default="target,exact,dreamr")
-    parser.add_argument("--alpha", type=float, default=None, help="default: the calibrated one")
-    parser.add_argument("--target", default=str(DEFAULT_TARGET))
-    parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
-    parser.add_argument("--out", default=None, help="JSON of every pass and the summary")
-    args = parser.parse_args()
-    names = args.modes.split(",")
-    if "target" not in names:
-        parser.error("--modes must include target: every ratio is against it")
-    calibrated = calibrated_alpha(args.target, args.draft)
-    alpha = args.alpha if args.alpha is not None else (calibrated or DEFAULT_ALPHA)
-    source = "given" if args.alpha is not None else "calibrated" if calibrated else "default"
-    print(f"alpha {alpha} ({source})")
-    prompt = PromptConfig()
-    target = load_checkpoint(args.target, prompt)
-    draft = load_checkpoint(args.draft, prompt)
-    engines = {
-        name: Engine(
-            target,
-            draft,
-            SpecConfig(mode=name.removesuffix("-host"), alpha=alpha),
-            host_loop=name.endswith("-host"),
-        )
-        for name in names
-    }
-    for engine in engines.values():
-        warm_up(engine, 2)
-    problems = digitmath.generate_problems("test", args.problems, 0)
+def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[dict]:
+    """`n_passes` passes over `problems`, each problem solved by every engine in rotating order
+    (so no mode always runs first, on a cold cache, or right after another). Per pass and
+    engine: mean latency, the speedup against the engine named "target", accuracy and counters."""
+    names = list(engines)
     images = [problem_image(p) for p in problems]
     passes = []
-    for n in range(args.passes):
+    for n in range(n_passes):
         rows: dict[str, list[dict]] = {name: [] for name in names}
         for i, (problem, image) in enumerate(zip(problems, images, strict=True)):
             for name in names[i % len(names) :] + names[: i % len(names)]:
@@ -118,8 +91,14 @@ def main() -> None:
             ),
             flush=True,
         )
+    return passes
+
+
+def summarize(passes: list[dict]) -> dict:
+    """Per engine: the median speedup of the passes and their spread, and the last pass's
+    accuracy and counters (the same in every pass: greedy)."""
     summary = {}
-    for name in names:
+    for name in passes[0]:
         speedups = [p[name]["speedup"] for p in passes]
         summary[name] = {
             "speedup_median": float(np.median(speedups)),
@@ -131,6 +110,43 @@ def main() -> None:
             f"{name}: median {summary[name]['speedup_median']:.2f}x "
             f"({min(speedups):.2f}-{max(speedups):.2f}x over {len(passes)} passes)"
         )
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", type=int, default=500)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--modes", default="target,exact,dreamr")
+    parser.add_argument("--alpha", type=float, default=None, help="default: the calibrated one")
+    parser.add_argument("--target", default=str(DEFAULT_TARGET))
+    parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    parser.add_argument("--out", default=None, help="JSON of every pass and the summary")
+    args = parser.parse_args()
+    names = args.modes.split(",")
+    if "target" not in names:
+        parser.error("--modes must include target: every ratio is against it")
+    calibrated = calibrated_alpha(args.target, args.draft)
+    alpha = args.alpha if args.alpha is not None else (calibrated or DEFAULT_ALPHA)
+    source = "given" if args.alpha is not None else "calibrated" if calibrated else "default"
+    print(f"alpha {alpha} ({source})")
+    prompt = PromptConfig()
+    target = load_checkpoint(args.target, prompt)
+    draft = load_checkpoint(args.draft, prompt)
+    engines = {
+        name: Engine(
+            target,
+            draft,
+            SpecConfig(mode=name.removesuffix("-host"), alpha=alpha),
+            host_loop=name.endswith("-host"),
+        )
+        for name in names
+    }
+    for engine in engines.values():
+        warm_up(engine, 2)
+    problems = digitmath.generate_problems("test", args.problems, 0)
+    passes = timed_passes(engines, problems, args.passes)
+    summary = summarize(passes)
     if args.out:
         record = {
             "alpha": alpha,
