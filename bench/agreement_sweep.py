@@ -8,7 +8,9 @@ against the target alone as in `target_vs_dreamr.py`: where each method wins.
 
 `--drafts`: name=path pairs, the name being the draft's wording mix. `dreamr` runs at `--alpha`
 for every draft (default: the shipped pair's calibrated alpha), so the drafts differ only in
-their wording. All figures are on the test split.
+their wording. Also the judge at that alpha on each draft's own steps, and on gold and corrupted
+steps in every wording, by the wordings and error kinds its training held out. All figures are
+on the test split.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ import json
 
 from target_vs_dreamr import summarize, timed_passes
 
-from dreamr_jax.calibrate import agreement, gold_prefixes, greedy_steps, pair_steps
+from dreamr_jax.calibrate import (
+    agreement,
+    draft_judging,
+    gold_prefixes,
+    greedy_steps,
+    heldout_judging,
+    pair_steps,
+)
 from dreamr_jax.config.schema import DEFAULT_ALPHA, PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.provenance import provenance
@@ -54,7 +63,9 @@ def main() -> None:
     for mix, path in drafts.items():
         print(f"--- draft {mix}: {path}", flush=True)
         draft = load_checkpoint(path, prompt)
-        steps = agreement(pair_steps(target, draft, problems, written=written, **kw))
+        pairs = pair_steps(target, draft, problems, written=written, **kw)
+        steps = agreement(pairs)
+        judge = draft_judging(target, problems, pairs, batch_size=args.batch_size, alpha=alpha)
         engines = {
             mode: Engine(target, draft, SpecConfig(mode=mode, alpha=alpha))
             for mode in ("target", "exact", "dreamr")
@@ -62,7 +73,13 @@ def main() -> None:
         for engine in engines.values():
             warm_up(engine, 2)
         passes = timed_passes(engines, problems, args.passes)
-        rows[mix] = {"draft": path, "steps": steps, "passes": passes, "summary": summarize(passes)}
+        rows[mix] = {
+            "draft": path,
+            "steps": steps,
+            "judge": judge,
+            "passes": passes,
+            "summary": summarize(passes),
+        }
     print(f"\nalpha {alpha}, {len(problems)} test problems, {args.passes} passes")
     print(
         "| draft's mix | right steps | verbatim agreement | confirmed share | exact | "
@@ -83,12 +100,26 @@ def main() -> None:
             f"| {s['exact']['target_calls']:.2f} / {s['dreamr']['target_calls']:.2f} "
             f"| {s['dreamr']['draft_share']:.0%} |"
         )
+    # The judge on gold and corrupted test steps in every wording, by what its training held out.
+    held_out = heldout_judging(
+        target, min(250, len(problems)), batch_size=args.batch_size, alpha=alpha, split="test"
+    )
+    print("\n| draft's mix | judge AUROC on its steps | right accepted | wrong accepted |")
+    print("| --- | --- | --- | --- |")
+    for mix, row in rows.items():
+        j = row["judge"]
+        print(
+            f"| {mix} | {j['judge_auroc']:.3f} | {j['at_alpha']['right_accepted']:.1%} "
+            f"| {j['at_alpha']['wrong_accepted']:.1%} |"
+        )
+    print(json.dumps(held_out, indent=2))
     if args.out:
         record = {
             "alpha": alpha,
             "problems": len(problems),
             "target": args.target,
             "drafts": rows,
+            "judge_on_test_steps_by_holdout": held_out,
             **provenance(),
         }
         with open(args.out, "w", encoding="utf-8") as f:

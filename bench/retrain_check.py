@@ -24,9 +24,7 @@ from pathlib import Path
 from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dreamr_jax.provenance import provenance  # noqa: E402
+sys.path.insert(0, str(REPO))  # train.py, the entry point, is imported from the repository root
 
 # Metrics that depend on the weights and the data only (not on how fast the machine ran).
 _COMPARED_METRICS = ("loss", "token_accuracy", "eval/accuracy", "eval/judge_auroc")
@@ -88,7 +86,8 @@ def main() -> int:
     report = {
         "checkpoint": str(checkpoint),
         "trained_at": shipped.get("commit"),
-        "retrained_at": provenance()["commit"],
+        "retrained_at": again.get("commit"),  # taken by train.py as it started
+        "retrained_dirty": again.get("dirty"),
         "config": config,
         "overrides": overrides,
         "tensors": len(load_file(str(checkpoint / "model.safetensors"))),

@@ -183,13 +183,36 @@ def _auroc(right: np.ndarray, p: np.ndarray) -> float | None:
     return float(roc_auc_score(right, p)) if 0 < right.sum() < len(right) else None
 
 
-def heldout_judging(target, n: int, *, batch_size: int, alpha: float) -> dict:
-    """The judge on gold and corrupted steps of `n` validation problems written in every wording
+def judge_holdouts(target) -> DataConfig:
+    """The data config the target was trained with (its holdout forms and kinds); the default
+    one for a checkpoint that does not record it."""
+    config = os.path.join(target.path, "dreamr_train_config.yaml")
+    return load_config(config).data if os.path.isfile(config) else DataConfig()
+
+
+def draft_judging(target, problems, pairs: Sequence[StepPair], *, batch_size: int, alpha: float):
+    """The judge on the draft's own steps (`pair_steps`): its AUROC and, at `alpha`, the shares
+    of right and wrong steps accepted, overall and among the steps written in a wording held out
+    of the judge's training."""
+    p = judge_candidates(
+        target, problems, [(s.problem, s.step, s.draft) for s in pairs], batch_size=batch_size
+    )
+    right = np.asarray([s.right for s in pairs])
+    held_out = judge_holdouts(target).judge_holdout_forms
+    out = np.asarray([digitmath.written_in(s.draft, held_out) for s in pairs])
+    return {
+        "judge_auroc": _auroc(right, p),
+        "at_alpha": accepted_shares(p, right, alpha),
+        "in_held_out_wordings": accepted_shares(p[out], right[out], alpha),
+    }
+
+
+def heldout_judging(target, n: int, *, batch_size: int, alpha: float, split: str = "val") -> dict:
+    """The judge on gold and corrupted steps of `n` problems of `split` written in every wording
     (the uniform mix), split by the wordings and error kinds the target's judge training held
     out."""
-    config = os.path.join(target.path, "dreamr_train_config.yaml")
-    data = load_config(config).data if os.path.isfile(config) else DataConfig()
-    uniform = digitmath.generate_problems("val", n, 0, "uniform")
+    data = judge_holdouts(target)
+    uniform = digitmath.generate_problems(split, n, 0, "uniform")
     candidates, right, forms_out, kinds_out = [], [], [], []
     for plan, label in judge_plans(uniform, seed=0):
         problem = uniform[plan.problem]
