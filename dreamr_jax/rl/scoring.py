@@ -1,0 +1,166 @@
+"""The frozen target's CPN verdict on every step of every rollout, in one tree-shaped pass.
+
+Each row's chunk is what `ModelRunner.verify_tree` builds for the engine, for a whole chain:
+the rollout's tokens, then one copy of the judge suffix per step that sees the chain only through
+that step's end (and itself), with its text positions continuing from there. The judge query
+after step i is therefore `prompt + steps 1..i + suffix`, exactly the one the engine asks when it
+verifies step i; all rows go through `runner.extend_tree` together after one prefill of their
+prompts, and p is CPN's (`cpn.cpn_scores`).
+
+The target gets no gradient: its parameters enter under `jax.lax.stop_gradient`, and the layout is
+built on the host from the rollouts, so scoring runs outside any `jax.grad`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreamr_jax.data.prompts import PromptBuilder
+from dreamr_jax.models.generate import merge, prefill
+from dreamr_jax.models.kv_cache import init_cache
+from dreamr_jax.rl.rollout import PromptRows, Rollouts
+from dreamr_jax.spec.cpn import cpn_scores
+from dreamr_jax.spec.runner import chunk_width, extend_tree
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepScores:
+    """p: `[rows, max_steps]` float32, the target's CPN p of each step; mass: `[rows,
+    max_steps]` float32, s+ + s- (below the format floor the target ignored the answer format).
+    Both 0 outside the rollouts' `step_mask`."""
+
+    p: jax.Array
+    mass: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeTree:
+    """Every row's chain and judge queries as one tree-shaped chunk (host arrays).
+
+    tokens, mask, offsets: `[rows, width]` (offsets: text positions relative to the row's prompt
+    end; a suffix copy reuses the positions after its step). seen: `[rows, width, width]`, which
+    chunk tokens each token attends to. verdict_at: `[rows, slots]`, the last suffix token of
+    each step's query (0 past the row's steps).
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+    seen: np.ndarray
+    verdict_at: np.ndarray
+
+
+def judge_tree(
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    step_ends: np.ndarray,
+    steps: np.ndarray,
+    suffix: tuple[int, ...],
+    pad_id: int,
+    slots: int,
+) -> JudgeTree:
+    """The chunk of `verify_tree`, one per row: chain `tokens[r, :lengths[r]]` (`[rows, T]`,
+    `[rows]`), then a copy of `suffix` after each of its `steps[r]` steps (`step_ends` `[rows,
+    max_steps]`). Padded to `chunk_width` of the longest row and to `slots` verdicts per row."""
+    rows, m = len(tokens), len(suffix)
+    width = chunk_width(int(np.max(lengths + steps * m)))
+    ids = np.full((rows, width), pad_id, np.int32)
+    mask = np.zeros((rows, width), bool)
+    offsets = np.zeros((rows, width), np.int32)
+    seen = np.zeros((rows, width, width), bool)
+    verdict_at = np.zeros((rows, slots), np.int32)
+    own = np.tril(np.ones((m, m), bool))
+    for r in range(rows):
+        n = int(lengths[r])
+        ids[r, :n], mask[r, :n], offsets[r, :n] = tokens[r, :n], True, np.arange(n)
+        seen[r, :n, :n] = np.tril(np.ones((n, n), bool))
+        for i, end in enumerate(step_ends[r, : steps[r]]):
+            lo = n + i * m
+            ids[r, lo : lo + m], mask[r, lo : lo + m] = suffix, True
+            offsets[r, lo : lo + m] = end + np.arange(m)
+            seen[r, lo : lo + m, :end] = True
+            seen[r, lo : lo + m, lo : lo + m] = own
+            verdict_at[r, i] = lo + m - 1
+    return JudgeTree(ids, mask, offsets, seen, verdict_at)
+
+
+def score_steps(
+    graphdef, state, prompts: PromptRows, rollouts: Rollouts, builder: PromptBuilder
+) -> StepScores:
+    """CPN p (and the format mass) of every step of every rollout, from the target `(graphdef,
+    state)` asked with `builder`'s judge suffix and positive / negative words. `prompts`: the
+    rollouts' prompt rows built for the target's config (`prompt_rows`). Reads the rollouts to
+    the host once (the chunk's layout depends on their lengths)."""
+    tokens, lengths, step_ends, step_mask = jax.device_get(
+        (rollouts.tokens, rollouts.lengths, rollouts.step_ends, rollouts.step_mask)
+    )
+    steps = step_mask.sum(axis=1)
+    max_steps = step_mask.shape[1]
+    # A power of two verdict slots (at most max_steps): few compiled shapes.
+    slots = min(max_steps, 1 << max(0, int(steps.max()) - 1).bit_length())
+    tree = judge_tree(
+        tokens,
+        lengths,
+        step_ends,
+        steps,
+        builder.judge_suffix_ids,
+        builder.model.pad_token_id,
+        slots,
+    )
+    return _judge(
+        graphdef,
+        state,
+        prompts.inputs,
+        tree.tokens,
+        tree.mask,
+        tree.offsets,
+        tree.seen,
+        tree.verdict_at,
+        step_mask,
+        builder.positive_ids,
+        builder.negative_ids,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9, 10))
+def _judge(
+    graphdef,
+    state,
+    inputs,
+    tokens,
+    mask,
+    offsets,
+    seen,
+    verdict_at,
+    step_mask,
+    positive_ids,
+    negative_ids,
+) -> StepScores:
+    state = jax.lax.stop_gradient(state)
+    model = merge(graphdef, state)
+    rows, width = inputs.input_ids.shape
+    cache = init_cache(model.config.text, rows, width + tokens.shape[1], model.dtype)
+    logits, cache = prefill(graphdef, state, inputs, cache)
+    # extend_tree returns two gathered halves (the engine reads the logits after each step in
+    # the first); only the verdicts are needed here, so both halves gather them.
+    verdicts, _, _, _, _ = extend_tree(
+        graphdef,
+        state,
+        tokens,
+        mask,
+        offsets,
+        seen,
+        cache,
+        jnp.concatenate([verdict_at, verdict_at], axis=1),
+        logits,
+    )
+    p, mass = cpn_scores(verdicts.reshape(-1, verdicts.shape[-1]), positive_ids, negative_ids)
+    pad = ((0, 0), (0, step_mask.shape[1] - verdict_at.shape[1]))
+    p, mass = (jnp.pad(x.reshape(verdict_at.shape), pad) for x in (p, mass))
+    return StepScores(jnp.where(step_mask, p, 0.0), jnp.where(step_mask, mass, 0.0))
