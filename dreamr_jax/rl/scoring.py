@@ -18,14 +18,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.models.generate import merge, prefill
 from dreamr_jax.models.kv_cache import init_cache
 from dreamr_jax.rl.rollout import PromptRows, Rollouts
 from dreamr_jax.spec.cpn import cpn_scores
-from dreamr_jax.spec.runner import chunk_width, extend_tree
+from dreamr_jax.spec.runner import extend_tree, judge_tree
 
 
 @jax.tree_util.register_dataclass
@@ -37,57 +36,6 @@ class StepScores:
 
     p: jax.Array
     mass: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class JudgeTree:
-    """Every row's chain and judge queries as one tree-shaped chunk (host arrays).
-
-    tokens, mask, offsets: `[rows, width]` (offsets: text positions relative to the row's prompt
-    end; a suffix copy reuses the positions after its step). seen: `[rows, width, width]`, which
-    chunk tokens each token attends to. verdict_at: `[rows, slots]`, the last suffix token of
-    each step's query (0 past the row's steps).
-    """
-
-    tokens: np.ndarray
-    mask: np.ndarray
-    offsets: np.ndarray
-    seen: np.ndarray
-    verdict_at: np.ndarray
-
-
-def judge_tree(
-    tokens: np.ndarray,
-    lengths: np.ndarray,
-    step_ends: np.ndarray,
-    steps: np.ndarray,
-    suffix: tuple[int, ...],
-    pad_id: int,
-    slots: int,
-) -> JudgeTree:
-    """The chunk of `verify_tree`, one per row: chain `tokens[r, :lengths[r]]` (`[rows, T]`,
-    `[rows]`), then a copy of `suffix` after each of its `steps[r]` steps (`step_ends` `[rows,
-    max_steps]`). Padded to `chunk_width` of the longest row and to `slots` verdicts per row."""
-    rows, m = len(tokens), len(suffix)
-    width = chunk_width(int(np.max(lengths + steps * m)))
-    ids = np.full((rows, width), pad_id, np.int32)
-    mask = np.zeros((rows, width), bool)
-    offsets = np.zeros((rows, width), np.int32)
-    seen = np.zeros((rows, width, width), bool)
-    verdict_at = np.zeros((rows, slots), np.int32)
-    own = np.tril(np.ones((m, m), bool))
-    for r in range(rows):
-        n = int(lengths[r])
-        ids[r, :n], mask[r, :n], offsets[r, :n] = tokens[r, :n], True, np.arange(n)
-        seen[r, :n, :n] = np.tril(np.ones((n, n), bool))
-        for i, end in enumerate(step_ends[r, : steps[r]]):
-            lo = n + i * m
-            ids[r, lo : lo + m], mask[r, lo : lo + m] = suffix, True
-            offsets[r, lo : lo + m] = end + np.arange(m)
-            seen[r, lo : lo + m, :end] = True
-            seen[r, lo : lo + m, lo : lo + m] = own
-            verdict_at[r, i] = lo + m - 1
-    return JudgeTree(ids, mask, offsets, seen, verdict_at)
 
 
 def score_steps(

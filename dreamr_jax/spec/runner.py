@@ -387,6 +387,57 @@ def pad_chunks(
     return ids, mask
 
 
+@dataclasses.dataclass(frozen=True)
+class JudgeTree:
+    """Every row's chain and judge queries as one tree-shaped chunk (host arrays).
+
+    tokens, mask, offsets: `[rows, width]` (offsets: text positions relative to the row's prompt
+    end; a suffix copy reuses the positions after its step). seen: `[rows, width, width]`, which
+    chunk tokens each token attends to. verdict_at: `[rows, slots]`, the last suffix token of
+    each step's query (0 past the row's steps).
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+    seen: np.ndarray
+    verdict_at: np.ndarray
+
+
+def judge_tree(
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    step_ends: np.ndarray,
+    steps: np.ndarray,
+    suffix: tuple[int, ...],
+    pad_id: int,
+    slots: int,
+) -> JudgeTree:
+    """The tree-shaped verification chunk of each row: chain `tokens[r, :lengths[r]]` (`[rows, T]`,
+    `[rows]`), then a copy of `suffix` after each of its `steps[r]` steps (`step_ends` `[rows,
+    max_steps]`). Padded to `chunk_width` of the longest row and to `slots` verdicts per row."""
+    rows, m = len(tokens), len(suffix)
+    width = chunk_width(int(np.max(lengths + steps * m)))
+    ids = np.full((rows, width), pad_id, np.int32)
+    mask = np.zeros((rows, width), bool)
+    offsets = np.zeros((rows, width), np.int32)
+    seen = np.zeros((rows, width, width), bool)
+    verdict_at = np.zeros((rows, slots), np.int32)
+    own = np.tril(np.ones((m, m), bool))
+    for r in range(rows):
+        n = int(lengths[r])
+        ids[r, :n], mask[r, :n], offsets[r, :n] = tokens[r, :n], True, np.arange(n)
+        seen[r, :n, :n] = np.tril(np.ones((n, n), bool))
+        for i, end in enumerate(step_ends[r, : steps[r]]):
+            lo = n + i * m
+            ids[r, lo : lo + m], mask[r, lo : lo + m] = suffix, True
+            offsets[r, lo : lo + m] = end + np.arange(m)
+            seen[r, lo : lo + m, :end] = True
+            seen[r, lo : lo + m, lo : lo + m] = own
+            verdict_at[r, i] = lo + m - 1
+    return JudgeTree(ids, mask, offsets, seen, verdict_at)
+
+
 _RUNNERS: dict[tuple[int, str], ModelRunner] = {}
 
 
@@ -525,35 +576,27 @@ class ModelRunner:
         """
         ends = np.cumsum([len(s) for s in steps])
         chain = [t for s in steps for t in s]
-        total, m = len(chain), len(suffix)
         slots = slots or len(steps)
-        width = chunk_width(total + m * len(steps))
-        tokens = np.full((1, width), self.pad_id, np.int32)
-        mask = np.zeros((1, width), bool)
-        offsets = np.zeros((1, width), np.int32)
-        seen = np.zeros((1, width, width), bool)
-        tokens[0, :total], mask[0, :total] = chain, True
-        offsets[0, :total] = np.arange(total)
-        seen[0, :total, :total] = np.tril(np.ones((total, total), bool))
-        after, verdict = ends - 1, []
-        for i, end in enumerate(ends):
-            lo = total + i * m
-            tokens[0, lo : lo + m], mask[0, lo : lo + m] = suffix, True
-            offsets[0, lo : lo + m] = end + np.arange(m)
-            seen[0, lo : lo + m, :end] = True
-            seen[0, lo : lo + m, lo : lo + m] = np.tril(np.ones((m, m), bool))
-            verdict.append(lo + m - 1)
-        pad = [0] * (slots - len(steps))
-        gather = np.asarray([list(after) + pad + verdict + pad], np.int32)
+        tree = judge_tree(
+            np.asarray([chain], np.int32),
+            np.asarray([len(chain)]),
+            np.asarray([ends]),
+            np.asarray([len(steps)]),
+            tuple(suffix),
+            self.pad_id,
+            slots,
+        )
+        after = list(ends - 1) + [0] * (slots - len(steps))
+        gather = np.asarray([after + tree.verdict_at[0].tolist()], np.int32)
         # The start length comes back from the device: arrays built on the host here would
         # reach later calls with another sharding, and jit compiles again for that.
         after, verdict, greedy, cache, start = extend_tree(
             self.graphdef,
             self.state,
-            tokens,
-            mask,
-            offsets,
-            seen,
+            tree.tokens,
+            tree.mask,
+            tree.offsets,
+            tree.seen,
             session.cache,
             gather,
             session.logits,
