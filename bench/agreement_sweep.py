@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    origin = provenance()  # at the start: commits made while it runs are not what it ran
     drafts = dict(item.split("=", 1) for item in args.drafts.split(","))
     alpha = args.alpha or calibrated_alpha(args.target, DEFAULT_DRAFT) or DEFAULT_ALPHA
     prompt = PromptConfig()
@@ -120,7 +121,7 @@ def main() -> None:
             "target": args.target,
             "drafts": rows,
             "judge_on_test_steps_by_holdout": held_out,
-            **provenance(),
+            **origin,
         }
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)

@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
     parser.add_argument("--out", default=None, help="JSON of every pass and the summary")
     args = parser.parse_args()
+    origin = provenance()  # at the start: commits made while it runs are not what it ran
     names = args.modes.split(",")
     if "target" not in names:
         parser.error("--modes must include target: every ratio is against it")
@@ -155,7 +156,7 @@ def main() -> None:
             "draft": args.draft,
             "passes": passes,
             "summary": summary,
-            **provenance(),
+            **origin,
         }
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
