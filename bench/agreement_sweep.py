@@ -28,15 +28,15 @@ from dreamr_jax.calibrate import (
     heldout_judging,
     pair_steps,
 )
-from dreamr_jax.config.schema import DEFAULT_ALPHA, PromptConfig, SpecConfig
+from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.provenance import provenance
 from dreamr_jax.serve.batch import warm_up
 from dreamr_jax.serve.checkpoints import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
-    calibrated_alpha,
     load_checkpoint,
+    pair_alpha,
 )
 from dreamr_jax.spec.engine import Engine
 
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     origin = provenance()  # at the start: commits made while it runs are not what it ran
     drafts = dict(item.split("=", 1) for item in args.drafts.split(","))
-    alpha = args.alpha or calibrated_alpha(args.target, DEFAULT_DRAFT) or DEFAULT_ALPHA
+    alpha = pair_alpha(args.target, DEFAULT_DRAFT, args.alpha)  # the shipped pair's, for all
     prompt = PromptConfig()
     spec = SpecConfig()
     target = load_checkpoint(args.target, prompt)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import collections
 
-from dreamr_jax.config.schema import DEFAULT_ALPHA, PromptConfig, SpecConfig
+from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
 from dreamr_jax.serve.checkpoints import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
-    calibrated_alpha,
     load_checkpoint,
+    pair_alpha,
 )
 from dreamr_jax.spec.engine import Engine
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--target", default=str(DEFAULT_TARGET))
     parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
     args = parser.parse_args()
-    alpha = args.alpha or calibrated_alpha(args.target, args.draft) or DEFAULT_ALPHA
+    alpha = pair_alpha(args.target, args.draft, args.alpha)
     prompt = PromptConfig()
     target = load_checkpoint(args.target, prompt)
     draft = load_checkpoint(args.draft, prompt)

@@ -20,7 +20,7 @@ import json
 
 import numpy as np
 
-from dreamr_jax.config.schema import DEFAULT_ALPHA, PromptConfig, SpecConfig
+from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
 from dreamr_jax.provenance import provenance
@@ -30,6 +30,7 @@ from dreamr_jax.serve.checkpoints import (
     DEFAULT_TARGET,
     calibrated_alpha,
     load_checkpoint,
+    pair_alpha,
 )
 from dreamr_jax.spec.engine import Engine, Solution
 
@@ -127,8 +128,8 @@ def main() -> None:
     names = args.modes.split(",")
     if "target" not in names:
         parser.error("--modes must include target: every ratio is against it")
+    alpha = pair_alpha(args.target, args.draft, args.alpha)
     calibrated = calibrated_alpha(args.target, args.draft)
-    alpha = args.alpha if args.alpha is not None else (calibrated or DEFAULT_ALPHA)
     source = "given" if args.alpha is not None else "calibrated" if calibrated else "default"
     print(f"alpha {alpha} ({source})")
     prompt = PromptConfig()

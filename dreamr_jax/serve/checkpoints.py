@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
-from dreamr_jax.config.schema import PromptConfig
+from dreamr_jax.config.schema import DEFAULT_ALPHA, PromptConfig
 from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.models.hf_io import load_pretrained
 from dreamr_jax.models.processor import make_image_processor
@@ -78,3 +78,11 @@ def calibrated_alpha(target: str | os.PathLike, draft: str | os.PathLike) -> flo
     if calibration.get("target_sha256") != weights_digest(target):
         return None
     return float(calibration["alpha"])
+
+
+def pair_alpha(target, draft, given: float | None = None) -> float:
+    """The alpha to run a pair at: `given`, else the one calibrated for it, else DEFAULT_ALPHA."""
+    if given is not None:
+        return given
+    calibrated = calibrated_alpha(target, draft)
+    return DEFAULT_ALPHA if calibrated is None else calibrated
