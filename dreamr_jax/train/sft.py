@@ -138,15 +138,17 @@ def run_sft(cfg: Config) -> dict:
     trainer = Trainer(cfg, model, dataset, cfg.output_dir, mesh)
     started = time.perf_counter()
     result = trainer.run(evaluate=lambda m: evaluate_model(cfg, m, builder, processor))
-    metrics = {
-        **result.metrics,
-        "wall_s": time.perf_counter() - started,
-        "step": result.step,
-        **origin,
-    }
+    metrics = {**result.metrics, "wall_s": time.perf_counter() - started, "step": result.step}
+    return export_run(cfg, result.model, tokenizer, processor, {**metrics, **origin})
+
+
+def export_run(cfg: Config, model, tokenizer, processor, metrics: dict) -> dict:
+    """Exports the trained model to `export_dir` (default `<output_dir>/hf`) with the run's
+    resolved config and `metrics` (+ `export_dir`), also written to `<output_dir>/eval.json`;
+    returns those metrics."""
     export_dir = cfg.export_dir or os.path.join(cfg.output_dir, "hf")
-    export_checkpoint(result.model, tokenizer, processor, export_dir)
-    metrics["export_dir"] = export_dir
+    export_checkpoint(model, tokenizer, processor, export_dir)
+    metrics = {**metrics, "export_dir": export_dir}
     # The run's resolved config and results travel with the weights (provenance).
     save_config(cfg, os.path.join(export_dir, "dreamr_train_config.yaml"))
     for path in (

@@ -117,6 +117,39 @@ def train_step(graphdef, train_cfg, params, opt_state, inputs, loss_mask):
     return params, opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    """Orbax checkpoints in `<workdir>/checkpoints`, the newest `keep` of them kept."""
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+    )
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data: dict) -> None:
+    """Step `step`: the array tree `state` (parameters, optimizer state, counters) and `data`,
+    what is not arrays (the data iterator's position, caches), as JSON."""
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
+    )
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, like) -> tuple[object, dict] | None:
+    """The newest checkpoint's (state, data), state restored into the structure, shapes, dtypes
+    and shardings of `like`; None when there is none."""
+    latest = manager.latest_step()
+    if latest is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = manager.restore(
+        latest,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+        ),
+    )
+    return restored.state, restored.data
+
+
 @dataclasses.dataclass
 class TrainResult:
     model: object
@@ -141,12 +174,7 @@ class Trainer:
         self.step = 0
         self.batches = batch_pipeline(examples, cfg.train.batch_size, cfg.train.steps, cfg.seed)
         self.iterator = self.batches.to_iter_dataset().__iter__()
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "checkpoints")),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.train.keep_checkpoints, create=True
-            ),
-        )
+        self.manager = checkpoint_manager(workdir, cfg.train.keep_checkpoints)
         self.schedule = learning_rate_schedule(cfg.train)
 
     # -------------------------------------------------------------------------- checkpoints
@@ -159,30 +187,17 @@ class Trainer:
         }
 
     def save(self) -> None:
-        self.manager.save(
-            self.step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(self._train_state()),
-                data=ocp.args.JsonSave(self.iterator.get_state()),
-            ),
-        )
+        save_checkpoint(self.manager, self.step, self._train_state(), self.iterator.get_state())
 
     def restore_latest(self) -> bool:
         """Restores the newest checkpoint, if any; returns whether it did."""
-        latest = self.manager.latest_step()
-        if latest is None:
+        restored = restore_checkpoint(self.manager, self._train_state())
+        if restored is None:
             return False
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._train_state())
-        restored = self.manager.restore(
-            latest,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
-            ),
-        )
-        self.params = restored.state["params"]
-        self.opt_state = restored.state["opt_state"]
-        self.step = int(restored.state["step"])
-        self.iterator.set_state(restored.data)
+        state, data = restored
+        self.params, self.opt_state = state["params"], state["opt_state"]
+        self.step = int(state["step"])
+        self.iterator.set_state(data)
         return True
 
     # --------------------------------------------------------------------------------- loop
