@@ -1,8 +1,8 @@
 """Train a model: `python train.py --config configs/digitmath/target.yaml [key=value ...]`.
 
-The config's `stage` picks the loop (`sft`: supervised training, evaluation on the val split and
-export of a Hugging Face checkpoint). A killed run started again with the same command resumes
-from its last checkpoint in `output_dir`.
+The config's `stage` picks the loop: `sft` (supervised training) or `sapo` (RL of a draft against
+a frozen target's judge); both evaluate on the val split and export a Hugging Face checkpoint. A
+killed run started again with the same command resumes from its last checkpoint in `output_dir`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from dreamr_jax.train.sft import run_sft
 
         metrics = run_sft(cfg)
+    elif cfg.stage == "sapo":
+        from dreamr_jax.train.sapo import run_sapo
+
+        metrics = run_sapo(cfg)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -8,6 +8,7 @@ checking types and names; each dataclass checks its own invariants in `validate(
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -490,7 +491,61 @@ class SpecConfig:
             _fail(f"{prefix}.temperature", f"must be >= 0, got {self.temperature}")
 
 
-STAGES = ("sft",)
+STAGES = ("sft", "sapo")
+# SAPO's registered parts (dreamr_jax.rl.registry; the stage checks the names at start-up)
+DEFAULT_REWARDS = {"outcome": 1.0, "draft": 1.0, "length": 1.0}
+
+
+@dataclass(frozen=True)
+class SapoConfig:
+    """Stage `sapo`: RL of the draft (`train.init_from`, also the frozen KL reference) against a
+    frozen target's CPN verdicts. Optimiser, steps and checkpoints come from `train`."""
+
+    target: str = "checkpoints/digitmath/target"  # checkpoint folder of the frozen judge
+    group_size: int = 8  # G: rollouts per prompt
+    prompts: int = 8  # prompts per update (rows: prompts * G)
+    temperature: float = 1.0  # the rollouts' sampling temperature
+    max_new_tokens: int = 160  # a rollout's budget; it ends at the first step end past it
+    max_step_tokens: int = 48  # a step is cut here, as the engine cuts it
+    alpha: float | None = None  # None: the pair's calibrated alpha (serve.checkpoints.pair_alpha)
+    format_floor: float = 0.05  # s+ + s- below this: the step is not accepted (the engine's rule)
+    # reward term name -> weight (dreamr_jax.rl.rewards: outcome, draft, draft_soft, length)
+    rewards: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_REWARDS))
+    advantage: str = "grpo"  # dreamr_jax.rl.advantages
+    policy_loss: str = "grpo"  # dreamr_jax.rl.losses
+    epsilon: float = 0.2  # the surrogate's clip
+    beta: float = 0.04  # weight of the KL to the reference draft
+    micro_batches: int = 1  # gradient accumulation: rows per forward/backward = rows / this
+
+    def validate(self, prefix: str = "sapo") -> None:
+        _check_size(f"{prefix}.group_size", self.group_size, MAX_BATCH, "rollouts per prompt")
+        _check_size(f"{prefix}.prompts", self.prompts, MAX_BATCH, "prompts per update")
+        _check_size(f"{prefix}.max_new_tokens", self.max_new_tokens, MAX_TOKENS, "chain tokens")
+        _check_size(f"{prefix}.max_step_tokens", self.max_step_tokens, MAX_STEP_TOKENS, "tokens")
+        if self.temperature <= 0:
+            _fail(
+                f"{prefix}.temperature",
+                f"rollouts are sampled: must be > 0, got {self.temperature}",
+            )
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            _fail(f"{prefix}.alpha", f"must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.format_floor <= 1:
+            _fail(f"{prefix}.format_floor", f"must be in [0, 1], got {self.format_floor}")
+        if not self.rewards:
+            _fail(f"{prefix}.rewards", "name at least one reward term")
+        for name, weight in self.rewards.items():
+            if not math.isfinite(weight):
+                _fail(f"{prefix}.rewards.{name}", f"must be finite, got {weight}")
+        if not 0 < self.epsilon < 1:
+            _fail(f"{prefix}.epsilon", f"must be in (0, 1), got {self.epsilon}")
+        if self.beta < 0:
+            _fail(f"{prefix}.beta", f"must be >= 0, got {self.beta}")
+        rows = self.prompts * self.group_size
+        if self.micro_batches < 1 or rows % self.micro_batches:
+            _fail(
+                f"{prefix}.micro_batches",
+                f"{self.micro_batches} does not divide the {rows} rows of an update",
+            )
 
 
 @dataclass(frozen=True)
@@ -503,6 +558,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sapo: SapoConfig = field(default_factory=SapoConfig)
     stage: str = "sft"
     seed: int = 0
     dtype: str = "float32"
@@ -516,8 +572,11 @@ class Config:
         self.data.validate("data")
         self.prompt.validate("prompt")
         self.eval.validate("eval")
+        self.sapo.validate("sapo")
         if self.stage not in STAGES:
             _fail("stage", f"unknown stage {self.stage!r}; expected one of {STAGES}")
+        if self.stage == "sapo" and not self.train.init_from:
+            _fail("train.init_from", "stage sapo starts from a draft checkpoint folder; name it")
         _check_dtype("dtype", self.dtype)
 
 
