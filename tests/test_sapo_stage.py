@@ -109,6 +109,7 @@ def test_metrics_name_every_reward_term_and_hacking_counter(whole):
         "steps_per_rollout",
         "cut_steps",
         "short_chains",
+        "flat_groups",
         "kl",
         "clip_fraction",
         "entropy",

@@ -297,6 +297,10 @@ class SapoTrainer:
             "wrong_steps": float(judged.step_wrong.sum() / max(mask.sum(), 1)),
             "cut_steps": float((judged.cut & mask).sum() / max(mask.sum(), 1)),
             "short_chains": float(judged.short.mean()),
+            # Groups whose G rewards are all equal teach nothing (zero advantage).
+            "flat_groups": float(
+                np.mean(np.ptp(np.asarray(rewards).reshape(-1, group), axis=1) == 0)
+            ),
             "steps_per_rollout": float(mask.sum(axis=1).mean()),
             "rollout_tokens": float(rollouts.lengths.mean()),
             # The sampled tokens' mean surprisal: an estimate of the sampling distribution's
