@@ -66,6 +66,7 @@ from dreamr_jax.train.trainer import (
     TrainResult,
     batch_pipeline,
     checkpoint_manager,
+    finish_run,
     restore_checkpoint,
     save_checkpoint,
 )
@@ -189,10 +190,10 @@ class SapoTrainer:
 
     # ------------------------------------------------------------------------------- a step
 
-    def _prompts(self, model: LoadedModel, problems) -> list[Prompt]:
+    def _prompts(self, model: LoadedModel, problems, images) -> list[Prompt]:
         return [
-            Prompt.of(model.builder, model.processor, p.question, [problem_image(p)])
-            for p in problems
+            Prompt.of(model.builder, model.processor, p.question, [image])
+            for p, image in zip(problems, images, strict=True)
         ]
 
     def _lengths_of_reference(self, indices, target_prompts) -> np.ndarray:
@@ -218,10 +219,11 @@ class SapoTrainer:
             digitmath.generate_problem("train", int(i), cfg.data.data_seed, cfg.data.wording)
             for i in indices
         ]
+        images = [problem_image(p) for p in problems]  # rendered once for both models
         draft_rows = prompt_rows(
-            self.draft.model.config, self._prompts(self.draft, problems), group
+            self.draft.model.config, self._prompts(self.draft, problems, images), group
         )
-        target_prompts = self._prompts(self.target, problems)
+        target_prompts = self._prompts(self.target, problems, images)
         target_rows = prompt_rows(self.target.model.config, target_prompts, group)
         self.key, key = jax.random.split(self.key)
 
@@ -359,14 +361,7 @@ class SapoTrainer:
             if self.step % tcfg.save_every == 0 or self.step == tcfg.steps:
                 self.save()
         bar.close()
-        self.manager.wait_until_finished()
-        model = nnx.merge(self.graphdef, self.params)
-        if evaluate is not None and self.step == tcfg.steps:
-            eval_metrics = evaluate(model)
-            writer.write(self.step, eval_metrics, prefix="eval")
-            metrics = {**metrics, **{f"eval/{k}": v for k, v in eval_metrics.items()}}
-        writer.close()
-        return TrainResult(model=model, step=self.step, metrics=metrics)
+        return finish_run(self, writer, metrics, evaluate)
 
 
 def _replicated_counters(opt_state, mesh):

@@ -239,11 +239,18 @@ class Trainer:
             if self.step % tcfg.save_every == 0 or self.step == tcfg.steps:
                 self.save()
         bar.close()
-        self.manager.wait_until_finished()
-        model = nnx.merge(self.graphdef, self.params)
-        if evaluate is not None and self.step == tcfg.steps:
-            eval_metrics = evaluate(model)
-            writer.write(self.step, eval_metrics, prefix="eval")
-            metrics = {**metrics, **{f"eval/{k}": v for k, v in eval_metrics.items()}}
-        writer.close()
-        return TrainResult(model=model, step=self.step, metrics=metrics)
+        return finish_run(self, writer, metrics, evaluate)
+
+
+def finish_run(trainer, writer: MetricsWriter, metrics: dict, evaluate) -> TrainResult:
+    """The end of a stage's loop: waits for the last checkpoint, merges the model from the
+    trainer's `graphdef` and `params`, evaluates it (when given and the run reached
+    `train.steps`) into `writer` and `metrics`, and closes the writer."""
+    trainer.manager.wait_until_finished()
+    model = nnx.merge(trainer.graphdef, trainer.params)
+    if evaluate is not None and trainer.step == trainer.cfg.train.steps:
+        eval_metrics = evaluate(model)
+        writer.write(trainer.step, eval_metrics, prefix="eval")
+        metrics = {**metrics, **{f"eval/{k}": v for k, v in eval_metrics.items()}}
+    writer.close()
+    return TrainResult(model=model, step=trainer.step, metrics=metrics)
