@@ -10,7 +10,8 @@ device loop).
         [--alpha A] [--target T] [--draft D] [--out docs/pair.json]
 
 Counters beside the times, per problem: target passes (`target_calls`), the share of committed
-tokens the draft wrote, and tokens per chain.
+tokens the draft wrote, and tokens per chain; and of the steps the judge accepted, the share that
+are wrong (`accepted_wrong`, by the step checker against the gold step at the same index).
 """
 
 from __future__ import annotations
@@ -42,6 +43,23 @@ def draft_share(sol: Solution) -> float:
     return sum(len(s.tokens) for s in committed if s.author == "draft") / max(1, total)
 
 
+def judged_steps(sol: Solution, decode, delimiter: str = digitmath.STEP_DELIMITER):
+    """The committed chain's steps the judge accepted as the draft wrote them: (index in the
+    chain, text) for each step whose last unit is a draft step the judge accepted (a step the
+    `resume` fallback left open ends with the draft's continuation, judged whole)."""
+    tokens, out = [], []
+    for record in sol.steps:
+        if not record.committed:
+            continue
+        tokens += record.tokens
+        if record.author == "draft" and record.accepted:
+            steps = decode(tokens).split(delimiter)
+            if steps[-1] == "":  # the chain so far ends with the delimiter
+                steps.pop()
+            out.append((len(steps) - 1, steps[-1]))
+    return out
+
+
 def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[dict]:
     """`n_passes` passes over `problems`, each problem solved by every engine in rotating order
     (so no mode always runs first, on a cold cache, or right after another). Per pass and
@@ -56,12 +74,18 @@ def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[di
                 sol = engines[name].solve(problem.question, [image])
                 text = engines[name].decode(sol.tokens)
                 answer = digitmath.extract_answer(text)
+                judged = judged_steps(sol, engines[name].decode)
                 rows[name].append(
                     {
                         "latency_s": sol.latency_s,
                         "correct": digitmath.is_correct(answer, problem.answer),
                         "target_calls": sol.target_calls,
                         "draft_share": draft_share(sol),
+                        "judged": len(judged),
+                        "judged_wrong": sum(
+                            i >= len(problem.steps) or not digitmath.is_correct_step(problem, i, t)
+                            for i, t in judged
+                        ),
                         "tokens": len(sol.tokens),
                         "text": text,
                     }
@@ -78,6 +102,9 @@ def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[di
                 "accuracy": float(np.mean([r["correct"] for r in rows[name]])),
                 "target_calls": float(np.mean([r["target_calls"] for r in rows[name]])),
                 "draft_share": float(np.mean([r["draft_share"] for r in rows[name]])),
+                # Of the steps the judge accepted (pooled over problems), the share that are wrong.
+                "accepted_wrong": sum(r["judged_wrong"] for r in rows[name])
+                / max(1, sum(r["judged"] for r in rows[name])),
                 "tokens": float(np.mean([r["tokens"] for r in rows[name]])),
                 "output_equals_target": float(same),
             }
@@ -87,7 +114,7 @@ def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[di
             + "; ".join(
                 f"{name} {r['ms']:.1f} ms {r['speedup']:.2f}x acc {r['accuracy']:.1%} "
                 f"passes {r['target_calls']:.2f} draft {r['draft_share']:.0%} "
-                f"tokens {r['tokens']:.1f}"
+                f"accepted-wrong {r['accepted_wrong']:.1%} tokens {r['tokens']:.1f}"
                 for name, r in result.items()
             ),
             flush=True,
