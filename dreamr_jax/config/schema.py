@@ -240,9 +240,15 @@ class ModelConfig:
     def require_generation_ids(self, prefix: str = "model") -> None:
         """Raises where generation cannot run: it stops at an eos id and pads with pad_token_id,
         so both must be tokens of the vocabulary."""
-        for key, problem in self.token_id_problems(prefix):
-            if key.endswith((".eos_token_ids", ".pad_token_id")):
-                _fail(key, f"{problem}: generation needs it (set it in the checkpoint's config)")
+        needed = [
+            f"{key}: {problem}"
+            for key, problem in self.token_id_problems(prefix)
+            if key.endswith((".eos_token_ids", ".pad_token_id"))
+        ]
+        if needed:
+            raise ValueError(
+                "; ".join(needed) + ": generation needs them (set them in the checkpoint's config)"
+            )
 
 
 @dataclass(frozen=True)
