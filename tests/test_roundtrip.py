@@ -21,6 +21,7 @@ from hf_reference import (
     TIED,
     TOL,
     UNTIED,
+    Prompt,
     hf_logits,
     load_hf,
     max_abs,
@@ -31,6 +32,7 @@ from hf_reference import (
 from safetensors.numpy import load_file, save_file
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+from dreamr_jax.models.generate import generate
 from dreamr_jax.models.hf_io import config_from_hf, config_to_hf, load_pretrained, save_pretrained
 
 SMALL_SHARD = 200_000  # bytes: several shards for every test config
@@ -249,3 +251,34 @@ def test_unexpected_tensor_is_named(untied, tmp_path):
     directory = broken_copy(untied, tmp_path, edit)
     with pytest.raises(ValueError, match=re.escape(key)):
         load_pretrained(directory)
+
+
+def test_checkpoint_with_special_ids_outside_its_vocabulary_loads(tmp_path):
+    """A small random Qwen3-VL saved by transformers without pad, eos or vision token ids (so
+    transformers' and Qwen's defaults apply: 151643, 151645, 151655, ... on a 300-token
+    vocabulary). transformers loads and runs it; so do we, with a warning naming each key, and
+    generation, which needs eos and pad, refuses with the key."""
+    base = CONFIGS["gqa2_hd16_untied"]
+    cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=300))
+    hf_dict = config_to_hf(cfg)
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        del hf_dict[key]
+    for key in ("pad_token_id", "eos_token_id"):
+        del hf_dict["text_config"][key]
+    torch.manual_seed(0)
+    hf_cfg = Qwen3VLConfig(**hf_dict)
+    hf_cfg._attn_implementation = "eager"
+    Qwen3VLForConditionalGeneration(hf_cfg).eval().save_pretrained(tmp_path)
+
+    with pytest.warns(UserWarning) as caught:
+        ours = load_pretrained(tmp_path)
+    named = " ".join(str(w.message) for w in caught)
+    for key in ("pad_token_id 151643", "eos_token_id 151645", "image_token_id 151655"):
+        assert key in named, named
+    rng = np.random.default_rng(0)
+    prompt = Prompt(rng.integers(0, 300, (1, 9)).astype(np.int32), np.ones((1, 9), bool))
+    want = hf_logits(load_hf(str(tmp_path)), ours.config, prompt)
+    assert max_abs(our_logits(ours, prompt), want) < TOL
+    with pytest.raises(ValueError, match="pad_token_id: 151643 .*eos_token_ids: 151645") as error:
+        generate(ours, prompt.input_ids, prompt.attention_mask, max_new_tokens=2)
+    assert "image_token_id" not in str(error.value)  # text-only generation does not need it

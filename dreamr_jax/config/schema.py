@@ -186,7 +186,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (498, 496)
     pad_token_id: int = 496
 
-    def validate(self, prefix: str = "model") -> None:
+    def validate(self, prefix: str = "model", *, strict_token_ids: bool = True) -> None:
+        """Raises on the first invalid field. `strict_token_ids=False` (a checkpoint being
+        loaded) leaves special-token ids outside the vocabulary to `token_id_problems`."""
         self.text.validate(f"{prefix}.text")
         self.vision.validate(f"{prefix}.vision")
         if self.vision.out_hidden_size != self.text.hidden_size:
@@ -200,6 +202,16 @@ class ModelConfig:
                 f"{prefix}.vision.deepstack_visual_indexes",
                 "more DeepStack features than decoder layers to receive them",
             )
+        if strict_token_ids:
+            for key, problem in self.token_id_problems(prefix):
+                _fail(key, problem)
+
+    def token_id_problems(self, prefix: str = "model") -> list[tuple[str, str]]:
+        """(key, problem) for each special-token id outside the vocabulary. A checkpoint may hold
+        such ids (transformers' defaults on a small vocabulary) and still run: the forward pass
+        reads none of them; generation needs eos and pad (`require_generation_ids`), prompts
+        with images need image_token_id."""
+        problems = []
         for name in (
             "image_token_id",
             "video_token_id",
@@ -209,13 +221,34 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             if not 0 <= value < self.text.vocab_size:
-                _fail(
-                    f"{prefix}.{name}",
-                    f"{value} is outside the vocabulary (vocab_size {self.text.vocab_size})",
+                problems.append(
+                    (
+                        f"{prefix}.{name}",
+                        f"{value} is outside the vocabulary (vocab_size {self.text.vocab_size})",
+                    )
                 )
         for value in self.eos_token_ids:
             if not 0 <= value < self.text.vocab_size:
-                _fail(f"{prefix}.eos_token_ids", f"{value} is outside the vocabulary")
+                problems.append(
+                    (
+                        f"{prefix}.eos_token_ids",
+                        f"{value} is outside the vocabulary (vocab_size {self.text.vocab_size})",
+                    )
+                )
+        return problems
+
+    def require_generation_ids(self, prefix: str = "model") -> None:
+        """Raises where generation cannot run: it stops at an eos id and pads with pad_token_id,
+        so both must be tokens of the vocabulary."""
+        needed = [
+            f"{key}: {problem}"
+            for key, problem in self.token_id_problems(prefix)
+            if key.endswith((".eos_token_ids", ".pad_token_id"))
+        ]
+        if needed:
+            raise ValueError(
+                "; ".join(needed) + ": generation needs them (set them in the checkpoint's config)"
+            )
 
 
 @dataclass(frozen=True)

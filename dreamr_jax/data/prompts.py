@@ -51,6 +51,7 @@ class PromptBuilder:
                 )
             return ids[0]
 
+        model.require_generation_ids()
         eos_id = model.eos_token_ids[0]
         return cls(
             tokenizer=tokenizer,

@@ -125,6 +125,7 @@ def generate(
 ) -> np.ndarray:
     """Generates `[batch, max_new_tokens]` token ids (pad after EOS) for a left-padded batch."""
     cfg = model.config
+    cfg.require_generation_ids()
     inputs, _ = prepare_inputs(cfg, input_ids, attention_mask, pixel_values, image_grid_thw)
     batch, seq = inputs.input_ids.shape
     max_len = max_len or seq + max_new_tokens

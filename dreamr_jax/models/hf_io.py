@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -82,7 +83,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (eos,),
         pad_token_id=_first_set(hf.get("pad_token_id"), t.get("pad_token_id"), 151643),
     )
-    cfg.validate()
+    # transformers loads a checkpoint whose special ids lie outside its vocabulary (its defaults
+    # on a small one) and runs the forward pass, which reads none of them: so do we, and what
+    # needs them checks them (`ModelConfig.require_generation_ids`).
+    cfg.validate(strict_token_ids=False)
     return cfg
 
 
@@ -191,7 +195,11 @@ def _read_config(path: str) -> ModelConfig:
         for key in ("eos_token_id", "pad_token_id"):
             if gen.get(key) is not None:
                 hf[key] = gen[key]
-    return config_from_hf(hf)
+    cfg = config_from_hf(hf)
+    for key, problem in cfg.token_id_problems(prefix=""):
+        name = key.strip(".").replace("eos_token_ids", "eos_token_id")  # config.json's key
+        warnings.warn(f"{config_path}: {name} {problem}; generation will refuse it", stacklevel=3)
+    return cfg
 
 
 def abstract_model(cfg: ModelConfig, dtype="float32") -> Qwen3VL:

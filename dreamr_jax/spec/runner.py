@@ -463,6 +463,7 @@ class ModelRunner:
         cached = _RUNNERS.get((id(model), delimiter))
         if cached is not None and cached.model is model:
             return cached
+        model.config.require_generation_ids()
         vocab = len(tokenizer)
         texts = tokenizer.batch_decode([[i] for i in range(vocab)])
         stop = tuple(i for i, t in enumerate(texts) if delimiter in t)
