@@ -211,31 +211,22 @@ class ModelConfig:
         such ids (transformers' defaults on a small vocabulary) and still run: the forward pass
         reads none of them; generation needs eos and pad (`require_generation_ids`), prompts
         with images need image_token_id."""
-        problems = []
-        for name in (
-            "image_token_id",
-            "video_token_id",
-            "vision_start_token_id",
-            "vision_end_token_id",
-            "pad_token_id",
-        ):
-            value = getattr(self, name)
-            if not 0 <= value < self.text.vocab_size:
-                problems.append(
-                    (
-                        f"{prefix}.{name}",
-                        f"{value} is outside the vocabulary (vocab_size {self.text.vocab_size})",
-                    )
-                )
-        for value in self.eos_token_ids:
-            if not 0 <= value < self.text.vocab_size:
-                problems.append(
-                    (
-                        f"{prefix}.eos_token_ids",
-                        f"{value} is outside the vocabulary (vocab_size {self.text.vocab_size})",
-                    )
-                )
-        return problems
+        named = [
+            (name, getattr(self, name))
+            for name in (
+                "image_token_id",
+                "video_token_id",
+                "vision_start_token_id",
+                "vision_end_token_id",
+                "pad_token_id",
+            )
+        ] + [("eos_token_ids", value) for value in self.eos_token_ids]
+        vocab = self.text.vocab_size
+        return [
+            (f"{prefix}.{name}", f"{value} is outside the vocabulary (vocab_size {vocab})")
+            for name, value in named
+            if not 0 <= value < vocab
+        ]
 
     def require_generation_ids(self, prefix: str = "model") -> None:
         """Raises where generation cannot run: it stops at an eos id and pads with pad_token_id,
