@@ -9,8 +9,9 @@ device loop).
     python bench/target_vs_dreamr.py [--problems 500] [--passes 3] [--modes target,exact,dreamr]
         [--alpha A] [--target T] [--draft D] [--out docs/pair.json]
 
-Counters beside the times, per problem: target passes (`target_calls`), the share of committed
-tokens the draft wrote, and tokens per chain; and of the steps the judge accepted, the share that
+Counters beside the times, per problem: target passes (`target_calls`), steps the draft wrote
+(`drafted_steps`, kept or not), the share of committed tokens the draft wrote, and tokens per
+chain; and of the steps the judge accepted, the share that
 are wrong (`accepted_wrong`, by the step checker against the gold step at the same index).
 """
 
@@ -95,6 +96,7 @@ def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[di
                         "latency_s": sol.latency_s,
                         "correct": digitmath.is_correct(answer, problem.answer),
                         "target_calls": sol.target_calls,
+                        "drafted_steps": sol.proposed,
                         "draft_share": draft_share(sol),
                         "kept_share": kept_share(sol),
                         "judged": len(judged),
@@ -117,6 +119,7 @@ def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[di
                 "speedup": float(base.mean() / mine.mean()),
                 "accuracy": float(np.mean([r["correct"] for r in rows[name]])),
                 "target_calls": float(np.mean([r["target_calls"] for r in rows[name]])),
+                "drafted_steps": float(np.mean([r["drafted_steps"] for r in rows[name]])),
                 "draft_share": float(np.mean([r["draft_share"] for r in rows[name]])),
                 "kept_share": float(np.mean([r["kept_share"] for r in rows[name]])),
                 # Of the steps the judge accepted (pooled over problems), the share that are wrong.
