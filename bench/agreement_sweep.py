@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from target_vs_dreamr import summarize, timed_passes
+from target_vs_dreamr import time_engines, write_record
 
 from dreamr_jax.calibrate import (
     agreement,
@@ -31,7 +31,6 @@ from dreamr_jax.calibrate import (
 from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.provenance import provenance
-from dreamr_jax.serve.batch import warm_up
 from dreamr_jax.serve.checkpoints import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
@@ -71,15 +70,13 @@ def main() -> None:
             mode: Engine(target, draft, SpecConfig(mode=mode, alpha=alpha))
             for mode in ("target", "exact", "dreamr")
         }
-        for engine in engines.values():
-            warm_up(engine, 2)
-        passes = timed_passes(engines, problems, args.passes)
+        passes, summary = time_engines(engines, problems, args.passes)
         rows[mix] = {
             "draft": path,
             "steps": steps,
             "judge": judge,
             "passes": passes,
-            "summary": summarize(passes),
+            "summary": summary,
         }
     print(f"\nalpha {alpha}, {len(problems)} test problems, {args.passes} passes")
     print(
@@ -114,17 +111,14 @@ def main() -> None:
             f"| {j['at_alpha']['wrong_accepted']:.1%} |"
         )
     print(json.dumps(held_out, indent=2))
-    if args.out:
-        record = {
-            "alpha": alpha,
-            "problems": len(problems),
-            "target": args.target,
-            "drafts": rows,
-            "judge_on_test_steps_by_holdout": held_out,
-            **origin,
-        }
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
+    record = {
+        "alpha": alpha,
+        "problems": len(problems),
+        "target": args.target,
+        "drafts": rows,
+        "judge_on_test_steps_by_holdout": held_out,
+    }
+    write_record(args.out, {**record, **origin})
 
 
 if __name__ == "__main__":

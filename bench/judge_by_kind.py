@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+from target_vs_dreamr import write_record
 
 from dreamr_jax.calibrate import gold_prefixes, greedy_steps, judge_candidates, pair_steps
 from dreamr_jax.config.schema import PromptConfig
@@ -78,7 +78,8 @@ def main() -> None:
     result = {}
     for name, path in (item.split("=", 1) for item in args.drafts.split(",")):
         pairs = pair_steps(target, load_checkpoint(path, prompt), problems, written=written, **kw)
-        right = [s for s in pairs if s.right]
+        right_at = [i for i, s in enumerate(pairs) if s.right]
+        right = [pairs[i] for i in right_at]
         batch = {"batch_size": args.batch_size}
         draft_p = judge_candidates(
             target, problems, [(s.problem, s.step, s.draft) for s in pairs], **batch
@@ -87,7 +88,7 @@ def main() -> None:
             target, problems, [(s.problem, s.step, s.target) for s in right], **batch
         )
         target_p = np.full(len(pairs), np.nan)
-        target_p[[i for i, s in enumerate(pairs) if s.right]] = own_p
+        target_p[right_at] = own_p
         result[name] = by_kind(problems, pairs, draft_p, target_p, alpha)
         print(f"--- {name} ({path}), alpha {alpha}")
         print(
@@ -102,17 +103,14 @@ def main() -> None:
                 f"| {_pct(r['target_own_accepted'])} | {_pct(r['verbatim'])} "
                 f"| {r['wrong_steps']} | {_pct(r['wrong_accepted'])} | {auroc} |"
             )
-    if args.out:
-        record = {
-            "alpha": alpha,
-            "split": args.split,
-            "problems": len(problems),
-            "target": args.target,
-            "drafts": result,
-            **origin,
-        }
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
+    record = {
+        "alpha": alpha,
+        "split": args.split,
+        "problems": len(problems),
+        "target": args.target,
+        "drafts": result,
+    }
+    write_record(args.out, {**record, **origin})
 
 
 if __name__ == "__main__":

@@ -14,14 +14,12 @@ written by `python -m dreamr_jax.calibrate --draft D`); a draft without one is a
 from __future__ import annotations
 
 import argparse
-import json
 
-from target_vs_dreamr import summarize, timed_passes
+from target_vs_dreamr import time_engines, write_record
 
 from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.provenance import provenance
-from dreamr_jax.serve.batch import warm_up
 from dreamr_jax.serve.checkpoints import DEFAULT_TARGET, calibrated_alpha, load_checkpoint
 from dreamr_jax.spec.engine import Engine
 
@@ -72,23 +70,17 @@ def main() -> None:
             engines[f"dreamr-{name}@{alpha}"] = Engine(
                 target, draft, SpecConfig(mode="dreamr", alpha=alpha)
             )
-    for engine in engines.values():
-        warm_up(engine, 2)
     problems = digitmath.generate_problems("test", args.problems, 0)
-    passes = timed_passes(engines, problems, args.passes)
-    summary = summarize(passes)
-    if args.out:
-        record = {
-            "target": args.target,
-            "drafts": drafts,
-            "alphas": alphas,
-            "problems": len(problems),
-            "passes": passes,
-            "summary": summary,
-            **origin,
-        }
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
+    passes, summary = time_engines(engines, problems, args.passes)
+    record = {
+        "target": args.target,
+        "drafts": drafts,
+        "alphas": alphas,
+        "problems": len(problems),
+        "passes": passes,
+        "summary": summary,
+    }
+    write_record(args.out, {**record, **origin})
 
 
 if __name__ == "__main__":

@@ -59,20 +59,19 @@ def kept_share(sol: Solution) -> float:
     return kept / max(1, committed)
 
 
-def judged_steps(sol: Solution, decode, delimiter: str = digitmath.STEP_DELIMITER):
+def judged_steps(sol: Solution, text: str, delimiter: str = digitmath.STEP_DELIMITER):
     """The committed chain's steps the judge accepted as the draft wrote them: (index in the
     chain, text) for each step whose last unit is a draft step the judge accepted (a step the
-    `resume` fallback left open ends with the draft's continuation, judged whole)."""
-    tokens, out = [], []
+    `resume` fallback left open ends with the draft's continuation, judged whole). `text`: the
+    decoded chain; a unit ends a step with its delimiter, so the steps ended before a unit
+    index the step it ends."""
+    steps, out, ended = text.split(delimiter), [], 0
     for record in sol.steps:
         if not record.committed:
             continue
-        tokens += record.tokens
         if record.author == "draft" and record.accepted:
-            steps = decode(tokens).split(delimiter)
-            if steps[-1] == "":  # the chain so far ends with the delimiter
-                steps.pop()
-            out.append((len(steps) - 1, steps[-1]))
+            out.append((ended, steps[ended]))
+        ended += record.text.count(delimiter)
     return out
 
 
@@ -90,7 +89,7 @@ def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[di
                 sol = engines[name].solve(problem.question, [image])
                 text = engines[name].decode(sol.tokens)
                 answer = digitmath.extract_answer(text)
-                judged = judged_steps(sol, engines[name].decode)
+                judged = judged_steps(sol, text)
                 rows[name].append(
                     {
                         "latency_s": sol.latency_s,
@@ -143,6 +142,21 @@ def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[di
     return passes
 
 
+def time_engines(engines: dict[str, Engine], problems, n_passes: int) -> tuple[list, dict]:
+    """Every engine warmed up, then `timed_passes` and their `summarize`."""
+    for engine in engines.values():
+        warm_up(engine, 2)
+    passes = timed_passes(engines, problems, n_passes)
+    return passes, summarize(passes)
+
+
+def write_record(path: str | None, record: dict) -> None:
+    """A bench's JSON record at `path` (nothing without one)."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+
+
 def summarize(passes: list[dict]) -> dict:
     """Per engine: the median speedup of the passes and their spread, and the last pass's
     accuracy and counters (the same in every pass: greedy)."""
@@ -192,23 +206,17 @@ def main() -> None:
         )
         for name in names
     }
-    for engine in engines.values():
-        warm_up(engine, 2)
     problems = digitmath.generate_problems("test", args.problems, 0)
-    passes = timed_passes(engines, problems, args.passes)
-    summary = summarize(passes)
-    if args.out:
-        record = {
-            "alpha": alpha,
-            "problems": len(problems),
-            "target": args.target,
-            "draft": args.draft,
-            "passes": passes,
-            "summary": summary,
-            **origin,
-        }
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
+    passes, summary = time_engines(engines, problems, args.passes)
+    record = {
+        "alpha": alpha,
+        "problems": len(problems),
+        "target": args.target,
+        "draft": args.draft,
+        "passes": passes,
+        "summary": summary,
+    }
+    write_record(args.out, {**record, **origin})
 
 
 if __name__ == "__main__":

@@ -207,10 +207,10 @@ class ModelConfig:
                 _fail(key, problem)
 
     def token_id_problems(self, prefix: str = "model") -> list[tuple[str, str]]:
-        """(key, problem) for each special-token id outside the vocabulary. A checkpoint may hold
-        such ids (transformers' defaults on a small vocabulary) and still run: the forward pass
-        reads none of them; generation needs eos and pad (`require_generation_ids`), prompts
-        with images need image_token_id."""
+        """(key, problem) for each special-token id outside the vocabulary (keys under `prefix`,
+        bare names without one). A checkpoint may hold such ids (transformers' defaults on a small
+        vocabulary) and still run: the forward pass reads none of them; generation needs eos and
+        pad (`require_generation_ids`), prompts with images need image_token_id."""
         named = [
             (name, getattr(self, name))
             for name in (
@@ -223,7 +223,10 @@ class ModelConfig:
         ] + [("eos_token_ids", value) for value in self.eos_token_ids]
         vocab = self.text.vocab_size
         return [
-            (f"{prefix}.{name}", f"{value} is outside the vocabulary (vocab_size {vocab})")
+            (
+                f"{prefix}.{name}" if prefix else name,
+                f"{value} is outside the vocabulary (vocab_size {vocab})",
+            )
             for name, value in named
             if not 0 <= value < vocab
         ]
@@ -234,7 +237,7 @@ class ModelConfig:
         needed = [
             f"{key}: {problem}"
             for key, problem in self.token_id_problems(prefix)
-            if key.endswith((".eos_token_ids", ".pad_token_id"))
+            if key.rsplit(".", 1)[-1] in ("eos_token_ids", "pad_token_id")
         ]
         if needed:
             raise ValueError(

@@ -197,7 +197,7 @@ def _read_config(path: str) -> ModelConfig:
                 hf[key] = gen[key]
     cfg = config_from_hf(hf)
     for key, problem in cfg.token_id_problems(prefix=""):
-        name = key.strip(".").replace("eos_token_ids", "eos_token_id")  # config.json's key
+        name = key.replace("eos_token_ids", "eos_token_id")  # config.json's key
         use = "generation" if name in ("eos_token_id", "pad_token_id") else "prompts with images"
         warnings.warn(f"{config_path}: {name} {problem}; {use} will refuse it", stacklevel=3)
     return cfg
