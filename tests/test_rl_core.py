@@ -19,6 +19,7 @@ from dreamr_jax.rl.losses import grpo_loss
 from dreamr_jax.rl.rewards import (
     RewardInputs,
     draft_reward,
+    kept_reward,
     length_reward,
     outcome_reward,
     soft_draft_reward,
@@ -41,6 +42,12 @@ STEP_P = np.array(
 STEP_MASK = np.array(
     [[True, True, True], [True, True, False], [False, False, False], [True, False, False]]
 )
+# Steps that are the target's own greedy step: one the judge refused (row 0, step 1), one it
+# accepted (row 1, step 0), one it refused in a one-step rollout (row 3); padding set to prove
+# it is never read.
+STEP_OWN = np.array(
+    [[False, True, False], [True, False, True], [True, True, True], [True, False, False]]
+)
 LENGTHS = np.array([30, 90, 0, 10], dtype=np.int32)
 REFERENCE_LENGTHS = np.array([60, 60, 60, 0], dtype=np.int32)  # last: no reference chain
 
@@ -50,6 +57,7 @@ def reward_inputs() -> RewardInputs:
         correct=jnp.asarray(CORRECT),
         step_p=jnp.asarray(STEP_P),
         step_mask=jnp.asarray(STEP_MASK),
+        step_own=jnp.asarray(STEP_OWN),
         lengths=jnp.asarray(LENGTHS),
         reference_lengths=jnp.asarray(REFERENCE_LENGTHS),
         alpha=jnp.asarray(ALPHA),
@@ -57,12 +65,15 @@ def reward_inputs() -> RewardInputs:
 
 
 def reference_rewards() -> dict[str, np.ndarray]:
-    """The four terms, rollout by rollout, as the issue states them."""
-    terms = {name: [] for name in ("outcome", "draft", "draft_soft", "length")}
+    """The five terms, rollout by rollout, as the issue (and `kept`'s docstring) states them."""
+    terms = {name: [] for name in ("outcome", "draft", "draft_soft", "kept", "length")}
     for i in range(len(CORRECT)):
-        steps = [float(STEP_P[i, j]) for j in range(STEP_P.shape[1]) if STEP_MASK[i, j]]
+        real = [j for j in range(STEP_P.shape[1]) if STEP_MASK[i, j]]
+        steps = [float(STEP_P[i, j]) for j in real]
         terms["outcome"].append(1.0 if CORRECT[i] else 0.0)
         terms["draft"].append(sum(p > ALPHA for p in steps) / len(steps) if steps else 0.0)
+        kept = [STEP_P[i, j] > ALPHA or STEP_OWN[i, j] for j in real]
+        terms["kept"].append(sum(kept) / len(kept) if kept else 0.0)
         terms["draft_soft"].append(sum(steps) / len(steps) if steps else 0.0)
         ref = REFERENCE_LENGTHS[i]
         terms["length"].append(1.0 - min(1.0, LENGTHS[i] / ref) if ref > 0 else 0.0)
@@ -74,6 +85,7 @@ def test_reward_terms_match_hand_computed_values():
     # The hand values themselves, so the reference cannot drift with the code.
     np.testing.assert_allclose(expected["draft"], [2 / 3, 1 / 2, 0.0, 0.0])
     np.testing.assert_allclose(expected["draft_soft"], [2.2 / 3, 1.41 / 2, 0.0, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(expected["kept"], [1.0, 1 / 2, 0.0, 1.0])
     np.testing.assert_allclose(expected["length"], [0.5, 0.0, 1.0, 0.0])
 
     inputs = reward_inputs()
@@ -81,6 +93,7 @@ def test_reward_terms_match_hand_computed_values():
         ("outcome", outcome_reward),
         ("draft", draft_reward),
         ("draft_soft", soft_draft_reward),
+        ("kept", kept_reward),
         ("length", length_reward),
     ]:
         got = function(inputs)
@@ -96,12 +109,14 @@ def test_rollout_with_no_steps_scores_zero_draft_reward():
         correct=jnp.array([True]),
         step_p=jnp.full((1, 4), jnp.nan, jnp.float32),
         step_mask=jnp.zeros((1, 4), bool),
+        step_own=jnp.ones((1, 4), bool),
         lengths=jnp.array([12], jnp.int32),
         reference_lengths=jnp.array([48], jnp.int32),
         alpha=0.7,
     )
     np.testing.assert_array_equal(np.asarray(draft_reward(inputs)), [0.0])
     np.testing.assert_array_equal(np.asarray(soft_draft_reward(inputs)), [0.0])
+    np.testing.assert_array_equal(np.asarray(kept_reward(inputs)), [0.0])
     total, _ = total_reward(inputs, {"outcome": 1.0, "draft": 1.0, "length": 1.0})
     np.testing.assert_allclose(np.asarray(total), [1.0 + 0.0 + 0.75])
 
@@ -111,6 +126,7 @@ def test_rollout_with_no_steps_scores_zero_draft_reward():
     [
         {"outcome": 1.0, "draft": 1.0, "length": 1.0},
         {"outcome": 2.0, "draft_soft": 0.5, "length": 1.0},
+        {"outcome": 3.0, "kept": 1.0, "length": 1.0},
         {"draft": 1.0},
     ],
 )
@@ -126,7 +142,9 @@ def test_total_reward_is_the_weighted_sum(weights):
 
 
 def test_total_reward_rejects_unknown_and_empty_weights():
-    with pytest.raises(ValueError, match=r"unknown reward 'speed'.*draft, draft_soft, length"):
+    with pytest.raises(
+        ValueError, match=r"unknown reward 'speed'.*draft, draft_soft, kept, length"
+    ):
         total_reward(reward_inputs(), {"outcome": 1.0, "speed": 1.0})
     with pytest.raises(ValueError, match="no reward terms"):
         total_reward(reward_inputs(), {})
@@ -136,6 +154,8 @@ def test_reward_inputs_are_checked_at_the_boundary():
     inputs = reward_inputs()
     with pytest.raises(AssertionError):  # step mask one step short
         outcome_reward(RewardInputs(**{**vars(inputs), "step_mask": inputs.step_mask[:, :2]}))
+    with pytest.raises(AssertionError):  # own-step flags one step short
+        kept_reward(RewardInputs(**{**vars(inputs), "step_own": inputs.step_own[:, :2]}))
     with pytest.raises(AssertionError):  # correctness as floats, not bools
         outcome_reward(RewardInputs(**{**vars(inputs), "correct": inputs.correct * 1.0}))
 

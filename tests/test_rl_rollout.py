@@ -210,13 +210,40 @@ def test_scoring_equals_the_engine_s_verification(pair, engine, problems, prompt
         _, inputs = engine.prompt(problem.question, [problem_image(problem)])
         steps = _steps(sampled, row)
         # 512 cache slots hold the prompt and the whole tree.
-        _, verdicts, *_ = target.verify_tree(
+        _, verdicts, greedy, *_ = target.verify_tree(
             target.start(inputs, 512), steps, builder.judge_suffix_ids, slots
         )
         p, mass = jax.device_get(cpn_scores(verdicts, *SPLIT))  # rows past the steps: padding
         k = len(steps)
         np.testing.assert_allclose(scores.p[row, :k], p[:k], atol=1e-4)
         np.testing.assert_allclose(scores.mass[row, :k], mass[:k], atol=1e-4)
+        # The target's greedy token before each chain token, step by step.
+        greedy, start, own = np.asarray(greedy), 0, []
+        for step in steps:
+            own.append(greedy[start : start + len(step)].tolist() == step)
+            start += len(step)
+        np.testing.assert_array_equal(scores.own[row, :k], own)
+    assert not scores.own[~sampled.step_mask].any()
     # The judge says yes and no at the default alpha: equal p is not equal saturation.
     p = scores.p[sampled.step_mask]
     assert p.min() < 0.7 < p.max()
+
+
+def test_the_target_s_own_steps_are_found_word_for_word(pair, engine, prompts):
+    """The target's own greedy chains score every step as its own; one token changed in a step
+    makes that step not its own and leaves the steps before it so."""
+    target = engine.target
+    rows = prompt_rows(pair[0].model.config, prompts, 1)
+    spec = RolloutSpec.of(target, MAX_NEW_TOKENS, MAX_STEP_TOKENS, GREEDY)
+    chains = jax.device_get(rollout(target.graphdef, target.state, rows, jax.random.key(0), spec))
+    builder = pair[0].builder
+    scores = jax.device_get(score_steps(target.graphdef, target.state, rows, chains, builder))
+    assert chains.step_mask.sum(axis=1).min() >= 2
+    np.testing.assert_array_equal(scores.own, chains.step_mask)
+
+    changed = dataclasses.replace(chains, tokens=chains.tokens.copy())
+    for row in range(len(prompts)):
+        start = chains.step_ends[row, 0]  # the second step's first token
+        changed.tokens[row, start] = (changed.tokens[row, start] + 1) % VOCAB
+    scores = jax.device_get(score_steps(target.graphdef, target.state, rows, changed, builder))
+    assert scores.own[:, 0].all() and not scores.own[:, 1].any()

@@ -8,6 +8,10 @@ their weights: `{"outcome": 1, "draft": 1, "length": 1}` is the paper's default,
 - `outcome`: 1 where the final answer is correct, else 0.
 - `draft`: the fraction of the rollout's steps the frozen target would accept (CPN p > alpha).
 - `draft_soft`: the mean CPN p over the rollout's steps (dense signal, no threshold).
+- `kept`: the fraction of the rollout's steps the engine would keep as the draft wrote them: those
+  the judge accepts and those that are the target's own greedy step word for word (the engine
+  commits those whatever the judge says). `draft` leaves the second kind unrewarded, though the
+  engine keeps them as it keeps accepted ones.
 - `length`: 1 - min(1, |y| / L_ref), L_ref the length of the target's own greedy chain.
 
 Rollouts with no steps (an empty completion, or one the segmenter gave no step at all) score 0 on
@@ -36,6 +40,8 @@ class RewardInputs:
     step_p: `[rollouts, max_steps]` float, the frozen target's CPN p for each step; entries outside
         `step_mask` are padding and never read (they may hold anything, NaN included).
     step_mask: `[rollouts, max_steps]` bool, True on the rollout's real steps.
+    step_own: `[rollouts, max_steps]` bool, the step is the target's own greedy step after the
+        rollout's earlier steps, token for token.
     lengths: `[rollouts]` int, |y|: the rollout's completion length in tokens.
     reference_lengths: `[rollouts]` int, L_ref: the length in tokens of the target's own greedy
         chain on the rollout's prompt (repeated for the G rollouts of a prompt).
@@ -46,6 +52,7 @@ class RewardInputs:
     correct: jax.Array
     step_p: jax.Array
     step_mask: jax.Array
+    step_own: jax.Array
     lengths: jax.Array
     reference_lengths: jax.Array
     alpha: float | jax.Array
@@ -74,6 +81,15 @@ def soft_draft_reward(inputs: RewardInputs) -> jax.Array:
     _check_inputs(inputs)
     step_p = inputs.step_p.astype(jnp.float32)
     return _checked_term(_mean_over_steps(step_p, inputs.step_mask), inputs)
+
+
+@register("reward", "kept")
+def kept_reward(inputs: RewardInputs) -> jax.Array:
+    """The fraction `[rollouts]` float32 of the rollout's steps the engine keeps as written: CPN
+    p > alpha, or the target's own step word for word; 0 for a rollout with no steps."""
+    _check_inputs(inputs)
+    kept = ((inputs.step_p > inputs.alpha) | inputs.step_own).astype(jnp.float32)
+    return _checked_term(_mean_over_steps(kept, inputs.step_mask), inputs)
 
 
 @register("reward", "length")
@@ -117,12 +133,12 @@ def _mean_over_steps(values: jax.Array, step_mask: jax.Array) -> jax.Array:
 def _check_inputs(inputs: RewardInputs) -> None:
     chex.assert_rank([inputs.correct, inputs.step_p, inputs.alpha], [1, 2, 0])
     rollouts = inputs.correct.shape[0]
-    chex.assert_equal_shape([inputs.step_p, inputs.step_mask])
+    chex.assert_equal_shape([inputs.step_p, inputs.step_mask, inputs.step_own])
     chex.assert_shape(
         [inputs.step_p, inputs.lengths, inputs.reference_lengths],
         [(rollouts, None), (rollouts,), (rollouts,)],
     )
-    chex.assert_type([inputs.correct, inputs.step_mask], bool)
+    chex.assert_type([inputs.correct, inputs.step_mask, inputs.step_own], bool)
     chex.assert_type([inputs.step_p, inputs.alpha], float)
     chex.assert_type([inputs.lengths, inputs.reference_lengths], int)
 

@@ -5,7 +5,9 @@ the rollout's tokens, then one copy of the judge suffix per step that sees the c
 that step's end (and itself), with its text positions continuing from there. The judge query
 after step i is therefore `prompt + steps 1..i + suffix`, exactly the one the engine asks when it
 verifies step i; all rows go through `runner.extend_tree` together after one prefill of their
-prompts, and p is CPN's (`cpn.cpn_scores`).
+prompts, and p is CPN's (`cpn.cpn_scores`). The same pass gives the target's greedy token at every
+chain position, so it also tells which steps are the target's own greedy step word for word: the
+engine keeps those whatever the judge says (its fallback would commit the same tokens).
 
 The target gets no gradient: its parameters enter under `jax.lax.stop_gradient`, and the layout is
 built on the host from the rollouts, so scoring runs outside any `jax.grad`.
@@ -31,17 +33,20 @@ from dreamr_jax.spec.runner import extend_tree, judge_tree
 @dataclasses.dataclass
 class StepScores:
     """p: `[rows, max_steps]` float32, the target's CPN p of each step; mass: `[rows,
-    max_steps]` float32, s+ + s- (below the format floor the target ignored the answer format).
-    Both 0 outside the rollouts' `step_mask`."""
+    max_steps]` float32, s+ + s- (below the format floor the target ignored the answer format);
+    own: `[rows, max_steps]` bool, the step is the target's greedy step after the row's earlier
+    steps, token for token. All 0 / False outside the rollouts' `step_mask`."""
 
     p: jax.Array
     mass: jax.Array
+    own: jax.Array
 
 
 def score_steps(
     graphdef, state, prompts: PromptRows, rollouts: Rollouts, builder: PromptBuilder
 ) -> StepScores:
-    """CPN p (and the format mass) of every step of every rollout, from the target `(graphdef,
+    """CPN p (the format mass, and whether it is the target's own step) of every step of every
+    rollout, from the target `(graphdef,
     state)` asked with `builder`'s judge suffix and positive / negative words. `prompts`: the
     rollouts' prompt rows built for the target's config (`prompt_rows`). Reads the rollouts to
     the host once (the chunk's layout depends on their lengths)."""
@@ -70,13 +75,15 @@ def score_steps(
         tree.offsets,
         tree.seen,
         tree.verdict_at,
+        lengths,
+        step_ends,
         step_mask,
         builder.positive_ids,
         builder.negative_ids,
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 9, 10))
+@functools.partial(jax.jit, static_argnums=(0, 11, 12))
 def _judge(
     graphdef,
     state,
@@ -86,6 +93,8 @@ def _judge(
     offsets,
     seen,
     verdict_at,
+    lengths,
+    step_ends,
     step_mask,
     positive_ids,
     negative_ids,
@@ -97,7 +106,7 @@ def _judge(
     logits, cache = prefill(graphdef, state, inputs, cache)
     # extend_tree returns two gathered halves (the engine reads the logits after each step in
     # the first); only the verdicts are needed here, so both halves gather them.
-    verdicts, _, _, _, _ = extend_tree(
+    verdicts, _, greedy, _, _ = extend_tree(
         graphdef,
         state,
         tokens,
@@ -111,4 +120,21 @@ def _judge(
     p, mass = cpn_scores(verdicts.reshape(-1, verdicts.shape[-1]), positive_ids, negative_ids)
     pad = ((0, 0), (0, step_mask.shape[1] - verdict_at.shape[1]))
     p, mass = (jnp.pad(x.reshape(verdict_at.shape), pad) for x in (p, mass))
-    return StepScores(jnp.where(step_mask, p, 0.0), jnp.where(step_mask, mass, 0.0))
+    own = _own_steps(tokens, greedy, lengths, step_ends)
+    return StepScores(
+        jnp.where(step_mask, p, 0.0), jnp.where(step_mask, mass, 0.0), step_mask & own
+    )
+
+
+def _own_steps(tokens, greedy, lengths, step_ends) -> jax.Array:
+    """`[rows, max_steps]` bool: every token of the step is the target's greedy token after the
+    tokens before it. tokens, greedy: `[rows, width]` (the chain first); lengths `[rows]`;
+    step_ends `[rows, max_steps]` (exclusive, 0 past the row's steps)."""
+    chain = jnp.arange(tokens.shape[1])[None] < lengths[:, None]
+    # Differences counted up to each position: a step is the target's own when none fall in it.
+    differ = jnp.cumsum((greedy != tokens) & chain, axis=1)
+    differ = jnp.pad(differ, ((0, 0), (1, 0)))  # differ[:, e]: differences before position e
+    starts = jnp.pad(step_ends[:, :-1], ((0, 0), (1, 0)))
+    through = jnp.take_along_axis(differ, step_ends, axis=1)
+    before = jnp.take_along_axis(differ, starts, axis=1)
+    return through == before

@@ -250,6 +250,7 @@ class SapoTrainer:
             correct=jnp.asarray(judged.correct),
             step_p=jnp.asarray(step_p),
             step_mask=jnp.asarray(rollouts.step_mask),
+            step_own=jnp.asarray(scores.own),
             lengths=jnp.asarray(rollouts.lengths),
             reference_lengths=jnp.asarray(reference_lengths),
             alpha=jnp.float32(self.alpha),
@@ -295,6 +296,9 @@ class SapoTrainer:
             "reward": float(np.mean(rewards)),
             **{f"reward_{name}": float(np.mean(term)) for name, term in terms.items()},
             "acceptance": float(accepted.sum() / max(mask.sum(), 1)),
+            # What the engine keeps as written: accepted, or the target's own step verbatim.
+            "kept": float((accepted | scores.own).sum() / max(mask.sum(), 1)),
+            "own_steps": float(scores.own.sum() / max(mask.sum(), 1)),
             "accepted_wrong": float((accepted & judged.step_wrong).sum() / max(accepted.sum(), 1)),
             "wrong_steps": float(judged.step_wrong.sum() / max(mask.sum(), 1)),
             "cut_steps": float((judged.cut & mask).sum() / max(mask.sum(), 1)),
