@@ -536,7 +536,7 @@ class SapoConfig:
     max_step_tokens: int = 48  # a step is cut here, as the engine cuts it
     alpha: float | None = None  # None: the pair's calibrated alpha (serve.checkpoints.pair_alpha)
     format_floor: float = 0.05  # s+ + s- below this: the step is not accepted (the engine's rule)
-    # reward term name -> weight (dreamr_jax.rl.rewards: outcome, draft, draft_soft, length)
+    # reward term name -> weight (dreamr_jax.rl.rewards: outcome, draft, draft_soft, kept, length)
     rewards: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_REWARDS))
     advantage: str = "grpo"  # dreamr_jax.rl.advantages
     policy_loss: str = "grpo"  # dreamr_jax.rl.losses
