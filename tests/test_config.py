@@ -466,3 +466,21 @@ def test_exact_is_greedy():
     load_config(None, ["spec.mode=dreamr", "spec.temperature=1.0"], cls=ServeConfig)
     with pytest.raises(ConfigError, match=r"spec\.temperature: mode exact is greedy"):
         load_config(None, ["spec.mode=exact", "spec.temperature=1.0"], cls=ServeConfig)
+
+
+def test_every_committed_config_loads():
+    configs = sorted((MODELS_DIR.parent).rglob("*.yaml"))
+    assert len(configs) >= 10
+    for path in configs:
+        load_config(str(path))  # raises, naming the file and key, on any invalid value
+
+
+def test_the_shipped_sapo_draft_was_trained_by_its_committed_config():
+    """draft-sapo was trained with overrides on sapo.yaml; sapo_kept.yaml, committed after,
+    must load to the config its export recorded, output folders aside."""
+    root = MODELS_DIR.parents[1]
+    shipped = load_config(str(root / "checkpoints/digitmath/draft-sapo/dreamr_train_config.yaml"))
+    committed = load_config(str(root / "configs/digitmath/sapo_kept.yaml"))
+    assert committed.export_dir == "checkpoints/digitmath/draft-sapo"
+    folders = {"output_dir": shipped.output_dir, "export_dir": shipped.export_dir}
+    assert dataclasses.replace(committed, **folders) == shipped
