@@ -46,10 +46,10 @@ def score_steps(
     graphdef, state, prompts: PromptRows, rollouts: Rollouts, builder: PromptBuilder
 ) -> StepScores:
     """CPN p (the format mass, and whether it is the target's own step) of every step of every
-    rollout, from the target `(graphdef,
-    state)` asked with `builder`'s judge suffix and positive / negative words. `prompts`: the
-    rollouts' prompt rows built for the target's config (`prompt_rows`). Reads the rollouts to
-    the host once (the chunk's layout depends on their lengths)."""
+    rollout, from the target `(graphdef, state)` asked with `builder`'s judge suffix and positive
+    / negative words. `prompts`: the rollouts' prompt rows built for the target's config
+    (`prompt_rows`). Reads the rollouts to the host once (the chunk's layout depends on their
+    lengths)."""
     tokens, lengths, step_ends, step_mask = jax.device_get(
         (rollouts.tokens, rollouts.lengths, rollouts.step_ends, rollouts.step_mask)
     )
