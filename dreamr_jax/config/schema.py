@@ -48,20 +48,25 @@ def _check_dtype(key: str, dtype: str) -> None:
 class VisionConfig:
     """The ViT of Qwen3-VL (`Qwen3VLVisionConfig` in transformers)."""
 
-    depth: int = 2
-    hidden_size: int = 64
-    intermediate_size: int = 128
+    depth: int = 2  # ViT blocks
+    hidden_size: int = 64  # width of the ViT's residual stream
+    intermediate_size: int = 128  # width of the hidden layer of each ViT block's MLP
+    # attention heads per ViT block: must divide hidden_size, and head_dim (hidden_size /
+    # num_heads) must be a multiple of 4 (2D rotary splits it between rows and columns)
     num_heads: int = 4
-    in_channels: int = 3
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    out_hidden_size: int = 64
+    in_channels: int = 3  # colour channels of an image (3: RGB)
+    patch_size: int = 16  # side of a square patch, in pixels
+    temporal_patch_size: int = 2  # frames in one patch (a still image is repeated to fill them)
+    spatial_merge_size: int = 2  # side of the block of patches merged into one visual token
+    out_hidden_size: int = 64  # width of a merged visual token; must equal text.hidden_size
+    # learned position embeddings: a square grid (64 = 8 x 8), interpolated to each image's grid
     num_position_embeddings: int = 64
+    # ViT blocks (each < depth) whose merged features are added, in order, to the image tokens'
+    # hidden states after the first decoder layers (DeepStack); at most num_hidden_layers of them
     deepstack_visual_indexes: tuple[int, ...] = (0,)
-    hidden_act: str = "gelu_pytorch_tanh"
-    rope_theta: float = 10000.0
-    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"  # MLP activation: "gelu_pytorch_tanh" or "gelu" (exact)
+    rope_theta: float = 10000.0  # base of the 2D rotary frequencies (patch row and column)
+    layer_norm_eps: float = 1e-6  # epsilon of the ViT blocks' LayerNorms
 
     @property
     def head_dim(self) -> int:
@@ -118,19 +123,23 @@ class VisionConfig:
 class TextConfig:
     """The Qwen3 decoder of Qwen3-VL (`Qwen3VLTextConfig` in transformers)."""
 
-    vocab_size: int = 512
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    vocab_size: int = 512  # tokens in the vocabulary (embedding rows, logits per position)
+    hidden_size: int = 64  # width of the decoder's residual stream
+    intermediate_size: int = 128  # width of the hidden layer of each decoder MLP (SwiGLU)
+    num_hidden_layers: int = 2  # decoder layers
+    num_attention_heads: int = 4  # query heads per attention layer
+    # key/value heads (grouped-query attention): must divide num_attention_heads
     num_key_value_heads: int = 2
-    head_dim: int = 16
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 5_000_000.0
+    head_dim: int = 16  # width of one attention head (even: rotary embeddings)
+    rms_norm_eps: float = 1e-6  # epsilon of the decoder's RMSNorms
+    rope_theta: float = 5_000_000.0  # base of the rotary frequencies
+    # Interleaved M-RoPE: rotary frequencies for (temporal, height, width) positions, 3 values
+    # summing to head_dim / 2
     mrope_section: tuple[int, ...] = (4, 2, 2)
+    # most positions of a sequence: serving refuses a prompt + spec.max_new_tokens past it
     max_position_embeddings: int = 4096
-    hidden_act: str = "silu"
-    attention_bias: bool = False
+    hidden_act: str = "silu"  # MLP activation; only "silu"
+    attention_bias: bool = False  # biases on the attention's q/k/v/o projections
 
     def validate(self, prefix: str = "text") -> None:
         for name in (
@@ -174,17 +183,19 @@ class TextConfig:
 class ModelConfig:
     """A whole Qwen3-VL dense model (`Qwen3VLConfig` in transformers)."""
 
-    text: TextConfig = field(default_factory=TextConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    tie_word_embeddings: bool = False
-    # Defaults fit the default 512-token vocabulary (Qwen's layout shifted down); real presets set
-    # Qwen's ids (image 151655, video 151656, vision start/end 151652/151653, eos 151645/151643).
-    image_token_id: int = 508
-    video_token_id: int = 509
-    vision_start_token_id: int = 505
-    vision_end_token_id: int = 506
+    text: TextConfig = field(default_factory=TextConfig)  # the decoder
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the vision tower (ViT)
+    tie_word_embeddings: bool = False  # the output projection reuses the token embeddings
+    # Special-token ids, each inside the vocabulary. Defaults fit the default 512-token vocabulary
+    # (Qwen's layout shifted down); real presets set Qwen's ids (image 151655, video 151656,
+    # vision start/end 151652/151653, eos 151645/151643)
+    image_token_id: int = 508  # <|image_pad|>: one per merged patch, replaced by its features
+    video_token_id: int = 509  # <|video_pad|>: kept in the HF config; nothing here reads video
+    vision_start_token_id: int = 505  # <|vision_start|>: opens an image's placeholder
+    vision_end_token_id: int = 506  # <|vision_end|>: closes an image's placeholder
+    # end-of-sequence ids: generation stops at any of them; the first ends a chain's final step
     eos_token_ids: tuple[int, ...] = (498, 496)
-    pad_token_id: int = 496
+    pad_token_id: int = 496  # fills the padding of prompts and training examples
 
     def validate(self, prefix: str = "model", *, strict_token_ids: bool = True) -> None:
         """Raises on the first invalid field. `strict_token_ids=False` (a checkpoint being
@@ -249,9 +260,9 @@ class ModelConfig:
 class MeshConfig:
     """Device mesh: sizes of the (data, fsdp, tensor) axes; -1 takes the remaining devices."""
 
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    data: int = 1  # devices that split the batch, weights replicated; -1: the rest
+    fsdp: int = -1  # devices that split the batch and the weights (FSDP); -1: the rest
+    tensor: int = 1  # devices that split heads, MLP and vocabulary (tensor parallel); -1: the rest
 
     def validate(self, prefix: str = "mesh") -> None:
         sizes = (self.data, self.fsdp, self.tensor)
@@ -266,17 +277,19 @@ class MeshConfig:
 class TrainConfig:
     """Optimisation and checkpointing of a training run."""
 
-    steps: int = 1000
+    steps: int = 1000  # optimiser steps of the run (also the length of the cosine decay)
+    # examples per step, 1-65,536 (stage sft; a sapo update has sapo.prompts * group_size rows)
     batch_size: int = 16
-    learning_rate: float = 1e-3
-    warmup_steps: int = 50
+    learning_rate: float = 1e-3  # peak learning rate of AdamW, reached after the warm-up
+    warmup_steps: int = 50  # steps of linear warm-up from 0 to the peak, in [0, steps)
     end_learning_rate_ratio: float = 0.1  # cosine decay ends at this fraction of the peak
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.95
-    grad_clip: float = 1.0
-    save_every: int = 200
-    keep_checkpoints: int = 2
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    b1: float = 0.9  # AdamW's decay of the first moment (beta1)
+    b2: float = 0.95  # AdamW's decay of the second moment (beta2)
+    grad_clip: float = 1.0  # gradients are clipped to this global norm
+    save_every: int = 200  # steps between checkpoints in <output_dir>/checkpoints (and at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    # steps between metrics records (<output_dir>/metrics: TensorBoard and metrics.jsonl)
     log_every: int = 10
     # A checkpoint folder (HF layout) whose weights start the run instead of a random init:
     # fine-tuning. Its model config must equal `model`. "" = from scratch.
@@ -310,9 +323,11 @@ class PromptConfig:
 
     system: str = ""  # an optional system message
     enable_thinking: bool = False  # open a <think> block after the assistant header
-    step_delimiter: str = "\n\n"
-    judge_suffix: str = "Step correct? Answer:"
+    step_delimiter: str = "\n\n"  # ends every step but the final one (EOS ends that); not empty
+    judge_suffix: str = "Step correct? Answer:"  # asks the judge about the step before it
+    # single tokens meaning "correct": CPN sums their probabilities; a trained judge says the first
     positive_words: tuple[str, ...] = (" Yes",)
+    # single tokens meaning "wrong" (none also positive); a trained judge says the first
     negative_words: tuple[str, ...] = (" No",)
     # SpecReason's judge: the target rates the step 0-9 with one token; kept if >= the threshold.
     score_suffix: str = "Score 0 to 9: "
@@ -330,12 +345,12 @@ class PromptConfig:
 class DataConfig:
     """The training/evaluation data of a run."""
 
-    dataset: str = "digitmath"
+    dataset: str = "digitmath"  # the dataset; "digitmath" is the only one
     # The words the chains' steps are written in (a mix of dreamr_jax.data.wordings.MIXES):
     # "canonical" (one wording per step kind, the first pair's), "target", "draft", "uniform"
     wording: str = "canonical"
-    train_problems: int = 20000
-    val_problems: int = 200
+    train_problems: int = 20000  # problems of the train split trained on (the first this many)
+    val_problems: int = 200  # >= 0; read by no code (evaluation takes `eval.problems` of them)
     data_seed: int = 0  # seed of the generated problems (the run's `seed` shuffles and inits)
     judge_fraction: float = 0.0  # share of SFT examples that teach step judging (the target's)
     score_fraction: float = 0.25  # share of judge examples in SpecReason's 0-9 score format
@@ -356,6 +371,7 @@ class DataConfig:
     # `draft_mistake_problems` train problems, where it first leaves the gold chain, is the
     # candidate of one judge branch (data/draft_mistakes.py); "" = none
     draft_mistakes_from: str = ""
+    # the first this many train problems are mined for the draft's mistakes; 0 to train_problems
     draft_mistake_problems: int = 0
     # share of reasoning examples whose digit cells are randomly distorted (rotation, scale,
     # shift): the model learns digits, not the train pool's scans
@@ -364,9 +380,11 @@ class DataConfig:
     # needs judge_branches): contrast pairs that differ only in the digits named
     read_pairs: bool = False
     # Held out of the judge's training, to test it on: steps written in these wordings (names of
-    # dreamr_jax.data.wordings.FORMS) are never judge candidates, nor are the draft's mistakes
-    # written in them; corruptions of these kinds are never drawn
+    # dreamr_jax.data.wordings.FORM_NAMES) are never judge candidates, nor are the draft's
+    # mistakes written in them
     judge_holdout_forms: tuple[str, ...] = ()
+    # Held out of the judge's training, to test it on: corruptions of these kinds (misread,
+    # arithmetic_slip, skipped_step, repeated_step) are never drawn
     judge_holdout_kinds: tuple[str, ...] = ()
     seq_len: int = 160  # every example is padded to this many tokens; longer ones are an error
     max_image_patches: int = 32  # every example's patches are padded to this many
@@ -437,8 +455,11 @@ class DataConfig:
 class EvalConfig:
     """End-of-training evaluation on the val split (greedy answers, and CPN for judges)."""
 
-    problems: int = 200
+    problems: int = 200  # val problems answered (>= 0); the judge's AUROC is measured on them too
+    # problems per generation pass, 1-65,536 (also judge queries per pass, and the batch that
+    # mines data.draft_mistakes_from's mistakes)
     batch_size: int = 50
+    # tokens one greedy answer may generate, 1-262,144 (also when mining the draft's mistakes)
     max_new_tokens: int = 160
     judge: bool = False  # also measure the AUROC of the CPN score on correct vs corrupted steps
 
@@ -460,7 +481,7 @@ FALLBACKS = ("lazy", "eager", "resume")
 class SpecConfig:
     """The decoding mode and its knobs (DESIGN.md sections 1-2)."""
 
-    mode: str = "dreamr"
+    mode: str = "dreamr"  # target, draft, sd, specreason, lookahead, exact or dreamr (README)
     # dreamr: CPN accepts a step iff p > alpha; alpha >= 1 never accepts (the judge is still
     # asked: the output is the target's, at the judge's cost; the judge-free path is `exact`)
     # None: the pair's calibrated alpha where serve.py finds one (`python -m dreamr_jax.calibrate`
@@ -579,16 +600,18 @@ class SapoConfig:
 class Config:
     """A run: the model, where it lives, and what the entry point does with it."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    sapo: SapoConfig = field(default_factory=SapoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model trained
+    mesh: MeshConfig = field(default_factory=MeshConfig)  # devices the run is sharded over
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimiser and checkpoints
+    data: DataConfig = field(default_factory=DataConfig)  # the training data
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # chat and judge-query format
+    eval: EvalConfig = field(default_factory=EvalConfig)  # end-of-training evaluation
+    sapo: SapoConfig = field(default_factory=SapoConfig)  # RL settings of stage sapo
+    # "sft" (supervised training) or "sapo" (RL of a draft against a frozen target's judge)
     stage: str = "sft"
-    seed: int = 0
-    dtype: str = "float32"
+    seed: int = 0  # model init, data order and rollout sampling (data.data_seed: the problems)
+    dtype: str = "float32"  # dtype of the models' weights: float32, bfloat16 or float16
+    # the run's folder: checkpoints/, metrics/, config.yaml, eval.json; a rerun resumes from it
     output_dir: str = "runs/default"
     export_dir: str = ""  # where the final HF checkpoint goes; "" means <output_dir>/hf
 
@@ -618,8 +641,8 @@ def is_config_class(tp: object) -> bool:
 class ModelRef:
     """A checkpoint folder (HF layout); "" means the shipped DigitMath model."""
 
-    path: str = ""
-    dtype: str = "float32"
+    path: str = ""  # "" = checkpoints/digitmath/target (or .../draft for `draft`)
+    dtype: str = "float32"  # dtype the weights are loaded in: float32, bfloat16 or float16
 
     def validate(self, prefix: str) -> None:
         _check_dtype(f"{prefix}.dtype", self.dtype)
@@ -630,13 +653,13 @@ class ServeDataConfig:
     """Input of serve.py: a JSONL file (DESIGN.md section 6), or "" for the DigitMath test split
     (`digitmath_problems` problems, generated next to the output)."""
 
-    input: str = ""
+    input: str = ""  # JSONL of records {"id", "image", "question", "answer"?}; "" = DigitMath test
     limit: int = 0  # 0 = every record
-    digitmath_problems: int = 200
+    digitmath_problems: int = 200  # problems of the DigitMath test split, 1-65,536 (input "")
     # Per-record limits: a record over them gets an `error` line (checked from the image file's
     # header, before anything is decoded)
     max_image_pixels: int = 40_000_000  # width x height of one image
-    max_images: int = 16  # images in one record
+    max_images: int = 16  # images in one record, 1-256; a record with more gets an `error` line
 
     def validate(self, prefix: str = "data") -> None:
         if self.limit < 0:
@@ -650,13 +673,15 @@ class ServeDataConfig:
 class ServeConfig:
     """A serve.py run: which models, which mode, which inputs, where the records go."""
 
-    target: ModelRef = field(default_factory=ModelRef)
-    draft: ModelRef = field(default_factory=ModelRef)
-    data: ServeDataConfig = field(default_factory=ServeDataConfig)
-    spec: SpecConfig = field(default_factory=SpecConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    target: ModelRef = field(default_factory=ModelRef)  # the target model
+    draft: ModelRef = field(default_factory=ModelRef)  # the draft model (not loaded in mode target)
+    data: ServeDataConfig = field(default_factory=ServeDataConfig)  # the input records
+    spec: SpecConfig = field(default_factory=SpecConfig)  # the decoding mode and its knobs
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # chat and judge-query format
+    # JSONL file the answers are appended to (summary: <output>.summary.json); a rerun answers only
+    # the records it lacks
     output: str = "runs/serve/output.jsonl"
-    seed: int = 0
+    seed: int = 0  # seed of the random draws of sampling (spec.temperature > 0)
     warmup: int = 2  # problems solved (and discarded) first, so compilation is not timed
     # Compiled programs persist here across runs (empty = off): a second `python serve.py`
     # skips the ~25 s of compilation. Entries are keyed by program and JAX version.
