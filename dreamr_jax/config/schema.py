@@ -483,9 +483,9 @@ class SpecConfig:
 
     mode: str = "dreamr"  # target, draft, sd, specreason, lookahead, exact or dreamr (README)
     # dreamr: CPN accepts a step iff p > alpha; alpha >= 1 never accepts (the judge is still
-    # asked: the output is the target's, at the judge's cost; the judge-free path is `exact`)
+    # asked: the output is the target's, at the judge's cost; the judge-free path is `exact`).
     # None: the pair's calibrated alpha where serve.py finds one (`python -m dreamr_jax.calibrate`
-    # stores it with the draft), else DEFAULT_ALPHA
+    # stores it with the draft), else DEFAULT_ALPHA (0.7)
     alpha: float | None = None
     window: int = 4  # W: draft steps verified together (exact, dreamr, lookahead)
     format_floor: float = 0.05  # s+ + s- below this: the judge ignored the format -> reject
