@@ -88,15 +88,6 @@ def _comments(cls: type[Any]) -> dict[str, str]:
     return found
 
 
-def _field_comments(cls: type[Any]) -> dict[str, str]:
-    """`_comments` over the dataclass bases too, so an inherited field keeps its comment."""
-    merged: dict[str, str] = {}
-    for base in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(base):
-            merged.update(_comments(base))
-    return merged
-
-
 def _type_text(tp: Any) -> str:
     """The annotation as written (a string under `from __future__ import annotations`)."""
     if isinstance(tp, str):
@@ -139,7 +130,7 @@ def iter_tables(cls: type[Any], prefix: str = "") -> Iterator[tuple[str, type[An
 def table(cls: type[Any], prefix: str = "") -> str:
     """One dataclass: a heading, its docstring, and a row per key (the keys a file may set)."""
     hints = typing.get_type_hints(cls)
-    comments = _field_comments(cls)
+    comments = _comments(cls)  # the schema's config classes inherit no fields
     title = f"`{prefix}`: `{cls.__name__}`" if prefix else f"top level: `{cls.__name__}`"
     out = [f"### {title}", ""]
     # dataclass() writes a signature as the docstring of a class without one: not a description.
