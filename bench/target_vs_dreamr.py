@@ -4,10 +4,11 @@ order problem by problem, in several passes back to back in one process. It show
 side by side (a speedup of `exact` is not DREAM-R's) and how much each ratio moves with the
 machine between passes; the summary gives the median of the passes and their spread. `--modes`
 picks others: any mode, and `dreamr-host` (dreamr run by its host loop, the baseline of its
-device loop).
+device loop). `--sampled 0.7` adds `target@0.7` and `dreamr@0.7`, both sampling at that
+temperature (seeded: the same draws in every pass), the second timed against the first.
 
     python bench/target_vs_dreamr.py [--problems 500] [--passes 3] [--modes target,exact,dreamr]
-        [--alpha A] [--target T] [--draft D] [--out docs/pair.json]
+        [--sampled T] [--alpha A] [--target T] [--draft D] [--out docs/pair.json]
 
 Counters beside the times, per problem: target passes (`target_calls`), steps the draft wrote
 (`drafted_steps`, kept or not), the share of committed tokens the draft wrote, and tokens per
@@ -75,10 +76,15 @@ def judged_steps(sol: Solution, text: str, delimiter: str = digitmath.STEP_DELIM
     return out
 
 
+def baseline(name: str) -> str:
+    """The engine a speedup is measured against: `target`, or `target@T` for one sampling at T."""
+    return "target" + name[name.index("@") :] if "@" in name else "target"
+
+
 def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[dict]:
     """`n_passes` passes over `problems`, each problem solved by every engine in rotating order
     (so no mode always runs first, on a cold cache, or right after another). Per pass and
-    engine: mean latency, the speedup against the engine named "target", accuracy and counters."""
+    engine: mean latency, the speedup against its `baseline`, accuracy and counters."""
     names = list(engines)
     images = [problem_image(p) for p in problems]
     passes = []
@@ -107,11 +113,11 @@ def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[di
                         "text": text,
                     }
                 )
-        base = np.array([r["latency_s"] for r in rows["target"]])
         result = {}
         for name in names:
+            base = np.array([r["latency_s"] for r in rows[baseline(name)]])
             mine = np.array([r["latency_s"] for r in rows[name]])
-            pairs = zip(rows[name], rows["target"], strict=True)
+            pairs = zip(rows[name], rows[baseline(name)], strict=True)
             same = np.mean([a["text"] == b["text"] for a, b in pairs])
             result[name] = {
                 "ms": float(mine.mean() * 1e3),
@@ -159,7 +165,7 @@ def write_record(path: str | None, record: dict) -> None:
 
 def summarize(passes: list[dict]) -> dict:
     """Per engine: the median speedup of the passes and their spread, and the last pass's
-    accuracy and counters (the same in every pass: greedy)."""
+    accuracy and counters (the same in every pass: greedy, or sampling from the same keys)."""
     summary = {}
     for name in passes[0]:
         speedups = [p[name]["speedup"] for p in passes]
@@ -181,6 +187,7 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=500)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--modes", default="target,exact,dreamr")
+    parser.add_argument("--sampled", type=float, default=None, help="also target, dreamr at T")
     parser.add_argument("--alpha", type=float, default=None, help="default: the calibrated one")
     parser.add_argument("--target", default=str(DEFAULT_TARGET))
     parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
@@ -206,10 +213,15 @@ def main() -> None:
         )
         for name in names
     }
+    if args.sampled is not None:
+        for mode in ("target", "dreamr"):
+            spec = SpecConfig(mode=mode, alpha=alpha, temperature=args.sampled)
+            engines[f"{mode}@{args.sampled:g}"] = Engine(target, draft, spec)
     problems = digitmath.generate_problems("test", args.problems, 0)
     passes, summary = time_engines(engines, problems, args.passes)
     record = {
         "alpha": alpha,
+        "sampled_temperature": args.sampled,
         "problems": len(problems),
         "target": args.target,
         "draft": args.draft,
