@@ -37,7 +37,7 @@ from dreamr_jax.serve.checkpoints import (
     load_checkpoint,
     pair_alpha,
 )
-from dreamr_jax.spec.engine import Engine
+from dreamr_jax.speculative.engine import Engine
 
 
 def main() -> None:

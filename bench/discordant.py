@@ -22,7 +22,7 @@ from dreamr_jax.serve.checkpoints import (
     load_checkpoint,
     pair_alpha,
 )
-from dreamr_jax.spec.engine import Engine
+from dreamr_jax.speculative.engine import Engine
 
 
 def wrong_draft_steps(engine: Engine, problem, solution) -> list[tuple[int, str]]:
@@ -35,7 +35,7 @@ def wrong_draft_steps(engine: Engine, problem, solution) -> list[tuple[int, str]
                 by_draft.update(range(at, at + len(record.tokens)))
             at += len(record.tokens)
     wrong, at = [], 0
-    for k, step in enumerate(engine._split_steps(solution.tokens)):
+    for k, step in enumerate(engine.split_steps(solution.tokens)):
         span = range(at, at + len(step.tokens))
         at += len(step.tokens)
         drafted = any(t in by_draft for t in span)

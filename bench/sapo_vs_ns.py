@@ -21,7 +21,7 @@ from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.provenance import provenance
 from dreamr_jax.serve.checkpoints import DEFAULT_TARGET, calibrated_alpha, load_checkpoint
-from dreamr_jax.spec.engine import Engine
+from dreamr_jax.speculative.engine import Engine
 
 
 def alphas_of(spec: str, target: str, drafts: dict[str, str]) -> dict[str, list[float]]:

@@ -35,7 +35,8 @@ from dreamr_jax.serve.checkpoints import (
     load_checkpoint,
     pair_alpha,
 )
-from dreamr_jax.spec.engine import Engine, Solution
+from dreamr_jax.speculative.engine import Engine
+from dreamr_jax.speculative.records import Solution
 
 
 def draft_share(sol: Solution) -> float:

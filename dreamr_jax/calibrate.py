@@ -57,7 +57,7 @@ from dreamr_jax.serve.checkpoints import (
     load_checkpoint,
     weights_digest,
 )
-from dreamr_jax.spec.engine import Engine
+from dreamr_jax.speculative.engine import Engine
 from dreamr_jax.train.evaluate import judge_plans, judge_scores
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dreamr_jax.spec.cpn import cpn_verdicts
+from dreamr_jax.speculative.cpn import cpn_verdicts
 
 POS, NEG = (3, 7), (5,)
 

@@ -12,15 +12,23 @@ import numpy as np
 import pytest
 from tiny_pair import make_tiny_pair
 
-from dreamr_jax.config.schema import PromptConfig, SpecConfig
+from dreamr_jax.config.schema import MODES, PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
 from dreamr_jax.serve.checkpoints import load_checkpoint
-from dreamr_jax.spec.engine import Engine, sd_accept
-from dreamr_jax.spec.runner import select_rows, truncate
+from dreamr_jax.speculative import modes
+from dreamr_jax.speculative.engine import Engine
+from dreamr_jax.speculative.modes.sd import sd_accept
+from dreamr_jax.speculative.runner import select_rows, truncate
 
 N_PROBLEMS = 12
 SPEC = SpecConfig(max_new_tokens=40, max_step_tokens=8)
+
+
+def test_every_mode_the_config_accepts_is_registered():
+    assert modes.names() == tuple(sorted(MODES))
+    with pytest.raises(ValueError, match="unknown mode 'fpsr'.*dreamr"):
+        modes.get("fpsr")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +97,7 @@ def test_device_loop_ends_the_chain_where_the_target_does(pair, problems, near_t
         spec = dataclasses.replace(SPEC, max_new_tokens=budget)
         alone = Engine(target, None, dataclasses.replace(spec, mode="target"))
         loop = Engine(target, draft, dataclasses.replace(spec, mode=mode, alpha=1.0))
-        assert loop._device_loop
+        assert loop.device_loop
         want = [alone.solve(p.question, [problem_image(p)]).tokens for p in problems[:6]]
         got = [loop.solve(p.question, [problem_image(p)]).tokens for p in problems[:6]]
         assert got == want
@@ -137,7 +145,7 @@ def _records(sol):
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.7, 0.9])
 def test_device_loop_commits_what_the_host_loop_commits(pair, problems, near_target, alpha):
     """dreamr, greedy, `resume`: the device loop (`window_loop.speculate`) takes the decisions
-    of the host loop (`Engine._dreamr`): the same tokens, counters and step records (the
+    of the host loop (`modes/dreamr.py`): the same tokens, counters and step records (the
     rejected draft steps included), with a judge that accepts some steps, rejects others and
     misses the format on some, and a draft that writes the target's own steps, parts from them
     partway (resume) or writes its own."""
@@ -148,7 +156,7 @@ def test_device_loop_commits_what_the_host_loop_commits(pair, problems, near_tar
         spec = dataclasses.replace(SPEC, mode="dreamr", alpha=alpha, draft_confidence=confidence)
         device = _judged(Engine(pair[0], draft, spec), MIXED)
         host = _judged(Engine(pair[0], draft, spec, host_loop=True), MIXED)
-        assert device._device_loop and not host._device_loop
+        assert device.device_loop and not host.device_loop
         for p in problems[:6]:
             got = device.solve(p.question, [problem_image(p)])
             want = host.solve(p.question, [problem_image(p)])
@@ -250,14 +258,14 @@ def test_rollback_then_regenerate_gives_the_same_step(pair, problems):
     session = runner.start(inputs, engine.max_len(len(ids)))
     key = jax.random.key(0)
     first, n1, _, _, session = runner.step(session, key, 8)
-    assert 0 < len(engine._take(first, n1)) <= 8
+    assert 0 < len(engine.take(first, n1)) <= 8
     logits_after_1 = session.logits
     second, n2, _, _, session = runner.step(session, key, 8)
-    step2 = engine._take(second, n2)
+    step2 = engine.take(second, n2)
     # Back to the end of step 1, and step 2 again: same tokens.
     session = truncate(session, len(step2), logits_after_1)
     again, n3, _, _, session = runner.step(session, key, 8)
-    assert engine._take(again, n3) == step2
+    assert engine.take(again, n3) == step2
     # Chunked extend of a step gives the logits of token-by-token decoding.
     base = truncate(session, len(step2), logits_after_1)
     chunk, _ = runner.extend(select_rows(base, [0]), [step2], [list(range(len(step2)))])
@@ -299,7 +307,7 @@ def test_window_in_one_call_equals_step_by_step(pair, problems, budget):
     logits.append(np.asarray(session.logits))
     while len(one_by_one) < 3 and sum(map(len, one_by_one)) < budget:
         tokens, n, _, _, session = runner.step(session, key, SPEC.max_step_tokens)
-        one_by_one.append(engine._take(tokens, n))
+        one_by_one.append(engine.take(tokens, n))
         logits.append(np.asarray(session.logits))
     reference = session
     steps, marks, session = runner.steps(
@@ -314,7 +322,7 @@ def test_window_in_one_call_equals_step_by_step(pair, problems, budget):
     # The cache holds the same tokens: the next step is the same.
     after, n, _, _, _ = runner.step(session, key, SPEC.max_step_tokens)
     want, m, _, _, _ = runner.step(reference, key, SPEC.max_step_tokens)
-    assert engine._take(after, n) == engine._take(want, m)
+    assert engine.take(after, n) == engine.take(want, m)
 
 
 def test_window_ends_after_the_first_doubtful_step(pair, problems):

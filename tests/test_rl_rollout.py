@@ -25,8 +25,8 @@ from dreamr_jax.models.sampling import GREEDY, Sampling
 from dreamr_jax.rl.rollout import Prompt, RolloutSpec, prompt_rows, rollout, token_logprobs
 from dreamr_jax.rl.scoring import score_steps
 from dreamr_jax.serve.checkpoints import load_checkpoint
-from dreamr_jax.spec.cpn import cpn_scores
-from dreamr_jax.spec.engine import Engine
+from dreamr_jax.speculative.cpn import cpn_scores
+from dreamr_jax.speculative.engine import Engine
 
 DELIMITER = "e"
 PROMPTS, GROUP = 2, 4
@@ -137,14 +137,14 @@ def test_the_g_rows_of_a_prompt_share_it(engine, problems, draft_rows):
 
 
 def test_step_ends_split_the_chain_as_the_engine_does(engine, sampled):
-    """Every step ends at a delimiter, EOS or the cap (`Engine._split_steps`), and a row stops
+    """Every step ends at a delimiter, EOS or the cap (`Engine.split_steps`), and a row stops
     at the first step end with EOS or with the budget reached."""
     stops, eos = set(engine.draft.stop_ids), set(engine.draft.eos_ids)
     cut_by = set()
     for row in range(PROMPTS * GROUP):
         chain = sampled.tokens[row, : sampled.lengths[row]].tolist()
         steps = _steps(sampled, row)
-        assert steps == [s.tokens for s in engine._split_steps(chain)]
+        assert steps == [s.tokens for s in engine.split_steps(chain)]
         written = np.cumsum([len(step) for step in steps])
         ends_chain = [
             s[-1] in eos or n >= MAX_NEW_TOKENS for s, n in zip(steps, written, strict=True)

@@ -26,7 +26,7 @@ from dreamr_jax.data import digitmath
 from dreamr_jax.serve import batch
 from dreamr_jax.serve.checkpoints import CALIBRATION_FILE, weights_digest
 from dreamr_jax.serve.main import with_pair_alpha
-from dreamr_jax.spec.engine import Engine
+from dreamr_jax.speculative.engine import Engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

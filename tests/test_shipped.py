@@ -14,7 +14,7 @@ from dreamr_jax.data import digitmath
 from dreamr_jax.data.sft import problem_image
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET, load_checkpoint
-from dreamr_jax.spec.engine import Engine
+from dreamr_jax.speculative.engine import Engine
 from dreamr_jax.train.evaluate import greedy_solve
 
 FIXED_PROBLEM = 2  # test-00002 (row_sum): the first test problem the draft also gets right
@@ -86,7 +86,7 @@ def test_shipped_pair_dreamr_device_loop_commits_what_the_host_loop_commits(ship
     problems = digitmath.generate_problems("test", 20, 0)
     device = Engine(*shipped_pair, SpecConfig())
     host = Engine(*shipped_pair, SpecConfig(), host_loop=True)
-    assert device._device_loop and not host._device_loop
+    assert device.device_loop and not host.device_loop
     accepted = proposed = 0
     for p in problems:
         got = device.solve(p.question, [problem_image(p)])

@@ -32,7 +32,7 @@ from dreamr_jax.models.inputs import ModelInputs, pad_vision, prepare_inputs
 from dreamr_jax.models.kv_cache import init_cache
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.models.sampling import Sampling, filter_logits, sample
-from dreamr_jax.spec.runner import ModelRunner, feed_token
+from dreamr_jax.speculative.runner import ModelRunner, feed_token
 
 # Prompts are left-padded to a multiple of this (the engine's bucket): few compiled shapes.
 PROMPT_BUCKET = 16

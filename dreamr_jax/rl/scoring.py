@@ -25,8 +25,8 @@ from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.models.generate import merge, prefill
 from dreamr_jax.models.kv_cache import init_cache
 from dreamr_jax.rl.rollout import PromptRows, Rollouts
-from dreamr_jax.spec.cpn import cpn_scores
-from dreamr_jax.spec.runner import extend_tree, judge_tree
+from dreamr_jax.speculative.cpn import cpn_scores
+from dreamr_jax.speculative.runner import extend_tree, judge_tree
 
 
 @jax.tree_util.register_dataclass

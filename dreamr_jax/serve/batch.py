@@ -41,7 +41,8 @@ from dreamr_jax.serve.records import (
     question_of,
     read_records,
 )
-from dreamr_jax.spec.engine import Engine, Solution
+from dreamr_jax.speculative.engine import Engine
+from dreamr_jax.speculative.records import Solution
 
 
 class ServeFailure(RuntimeError):

@@ -20,7 +20,7 @@ from dreamr_jax.serve.checkpoints import (
     calibrated_alpha,
     load_checkpoint,
 )
-from dreamr_jax.spec.engine import Engine
+from dreamr_jax.speculative.engine import Engine
 
 
 def default_input(cfg: ServeConfig) -> str:

@@ -18,7 +18,7 @@ from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.data.sft import ExamplePlan, SFTExampleBuilder, problem_image
 from dreamr_jax.models.generate import generate
 from dreamr_jax.models.processor import left_pad, process_images
-from dreamr_jax.spec.cpn import cpn_scores
+from dreamr_jax.speculative.cpn import cpn_scores
 from dreamr_jax.train.trainer import collate
 
 

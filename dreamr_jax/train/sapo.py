@@ -58,7 +58,7 @@ from dreamr_jax.rl.update import (
     update_batch,
 )
 from dreamr_jax.serve.checkpoints import LoadedModel, load_checkpoint, pair_alpha
-from dreamr_jax.spec.runner import ModelRunner
+from dreamr_jax.speculative.runner import ModelRunner
 from dreamr_jax.train.metrics import MetricsWriter
 from dreamr_jax.train.optim import learning_rate_schedule
 from dreamr_jax.train.sft import evaluate_model, export_run

@@ -8,7 +8,8 @@ first one finishes it) after the token the target committed last, which is in ne
 after every chain token and, for `dreamr`, the CPN verdict on every drafted step: after the
 chain the pass holds a copy of the judge suffix per step that sees the chain only up to that
 step's end (the tree of `runner.verify_tree`, laid out here on the device, since the step ends
-are known only there). The steps are then taken in order, as `Engine._dreamr` takes them:
+are known only there). The steps are then taken in order, as the host loop (`modes/dreamr.py`)
+takes them:
 
 - a step the judge accepts (p > alpha and s+ + s- >= the format floor) is committed as the
   draft's;
@@ -53,8 +54,8 @@ from dreamr_jax.models.generate import merge
 from dreamr_jax.models.inputs import ModelInputs
 from dreamr_jax.models.kv_cache import KVCache, rollback
 from dreamr_jax.models.sampling import GREEDY
-from dreamr_jax.spec.cpn import cpn_verdicts
-from dreamr_jax.spec.runner import chunk_width, feed_token, generate_steps
+from dreamr_jax.speculative.cpn import cpn_verdicts
+from dreamr_jax.speculative.runner import chunk_width, feed_token, generate_steps
 
 
 @dataclasses.dataclass(frozen=True)

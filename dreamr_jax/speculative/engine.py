@@ -1,0 +1,407 @@
+"""The engine: one target, one draft, and the pieces every decoding mode shares (DESIGN.md
+section 2): prompts and sessions, draft windows, tree-shaped verification and CPN verdicts, commit,
+the target taking over a step, rollback, and the device loop of `exact` and greedy `dreamr`. The
+modes themselves are one module each under `modes/`, looked up by `spec.mode`.
+
+Every mode answers one request (images + question) at a time, so latencies are per problem; the
+parallelism of a mode comes from batching inside it: CPN verifies the W drafted steps of a window
+as W rows of one forward pass, and eager fallback / Lookahead generate the target's steps for all
+W positions as one batched step loop. Device work is dispatched before the host reads any verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+from dreamr_jax.config.schema import DEFAULT_ALPHA, SpecConfig
+from dreamr_jax.models.inputs import pad_vision, prepare_inputs
+from dreamr_jax.models.processor import process_images
+from dreamr_jax.models.sampling import Sampling
+from dreamr_jax.speculative import modes
+from dreamr_jax.speculative.cpn import cpn_verdicts
+from dreamr_jax.speculative.records import Solution, StepRecord
+from dreamr_jax.speculative.runner import ModelRunner, Session, chunk_width, select_rows, truncate
+from dreamr_jax.speculative.verification import Verification
+from dreamr_jax.speculative.window_loop import LoopSpec, speculate
+
+# Prompts are left-padded to a multiple of this, so few shapes are ever compiled; prefill is
+# compute-bound, so padding a DigitMath prompt of 33-48 tokens to 64 cost a third of it.
+BUCKET = 16
+
+
+class PromptTooLongError(ValueError):
+    """The prompt plus `spec.max_new_tokens` does not fit the target's positions."""
+
+
+# The same keys as `jax.random.key(int)`, as one compiled program instead of eager ops.
+_random_key = jax.jit(jax.random.key)
+
+
+@jax.jit
+def _mark(marks, i):
+    """marks[:, i] `[batch, vocab]` with a traced i: one program for every i."""
+    return marks[:, i]
+
+
+class Engine:
+    def __init__(self, target, draft, spec: SpecConfig, *, seed: int = 0, host_loop=False):
+        """target, draft: `LoadedModel`s (draft may be None for mode `target`). `host_loop`:
+        run `dreamr` as the host loop also where the device loop applies (greedy, `resume`):
+        the reference the device loop is tested against, and its timing baseline."""
+        if spec.alpha is None:  # no pair-specific alpha given: the paper's
+            spec = dataclasses.replace(spec, alpha=DEFAULT_ALPHA)
+        self.spec, self.seed, self.host_loop = spec, seed, host_loop
+        self.builder = target.builder
+        self.processor = target.processor
+        delimiter = target.builder.prompt.step_delimiter
+        self.target = ModelRunner.create(target.model, target.tokenizer, delimiter)
+        self.draft = ModelRunner.create(draft.model, draft.tokenizer, delimiter) if draft else None
+        if spec.mode != "target" and self.draft is None:
+            raise ValueError(f"spec.mode={spec.mode!r} needs a draft model (draft.path)")
+        self.mode = modes.get(spec.mode)
+        self.sampling = Sampling(temperature=spec.temperature)
+        self.eos = set(target.model.config.eos_token_ids)
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    def decode(self, tokens) -> str:
+        return self.builder.decode(tokens)
+
+    def prompt(self, question: str, images) -> tuple[list[int], object]:
+        """Prompt ids and the (padded) model inputs of a request."""
+        return self.prompt_from_patches(question, *process_images(self.processor, images))
+
+    def prompt_from_patches(self, question: str, pixel_values, grid) -> tuple[list[int], object]:
+        """`prompt` of images the processor has already turned into patches `[patches, C*T*P*P]`
+        and grids `[images, 3]` (serving runs the two apart, to say which one a record broke)."""
+        ids = self.builder.prompt_ids(question, [g.tolist() for g in grid])
+        limit = self.builder.model.text.max_position_embeddings
+        if len(ids) + self.spec.max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt of {len(ids)} tokens + spec.max_new_tokens={self.spec.max_new_tokens} "
+                f"exceeds the model's limit of {limit} positions"
+            )
+        width = -(-len(ids) // BUCKET) * BUCKET
+        padded = np.full((1, width), self.builder.model.pad_token_id, np.int32)
+        padded[0, width - len(ids) :] = ids
+        mask = np.zeros((1, width), bool)
+        mask[0, width - len(ids) :] = True
+        inputs, _ = prepare_inputs(self.builder.model, padded, mask, pixel_values, grid)
+        n = len(pixel_values)
+        patches = max(64, 1 << (n - 1).bit_length())  # power of two: few vision shapes
+        merge = self.builder.model.vision.spatial_merge_size
+        inputs = dataclasses.replace(inputs, vision=pad_vision(inputs.vision, patches, merge))
+        return ids, inputs
+
+    def max_len(self, prompt_len: int) -> int:
+        """Cache slots a request can need; attention reads every slot, so no more.
+
+        A step begins only while the chain is below `max_new_tokens`, so committed plus drafted
+        tokens stay below max_new_tokens + max_step_tokens, and a target step written in place
+        of a drafted one (a fallback) starts where that step did. Chunk padding needs no room
+        (the cache drops writes past its end). On top of the chain only what a mode writes
+        after it: the judge suffixes of a verification pass (none for `exact`), lookahead's
+        bonus step after the whole window, sd's proposals."""
+        s = self.spec
+        need = -(-prompt_len // BUCKET) * BUCKET + s.max_new_tokens + s.max_step_tokens - 1
+        need += self.mode.room(self)
+        return -(-need // 128) * 128
+
+    @property
+    def resumes(self) -> bool:
+        """Whether a rejection leaves the rest of the target's step to the draft (`resume`)."""
+        return self.spec.mode == "dreamr" and self.spec.fallback == "resume"
+
+    @property
+    def most_steps(self) -> int:
+        """Steps a verification pass can hold: W, and with `resume` the end of a step the
+        target began (it does not count towards W, so windows still cover W whole steps)."""
+        return self.spec.window + self.resumes
+
+    def key(self, step: int):
+        return _random_key(np.int32((self.seed * 1_000_003 + step) % 2**31))
+
+    def take(self, tokens, n, row: int = 0) -> list[int]:
+        # Whole arrays to the host, sliced there: a device slice per length would be a new
+        # small program for every step length.
+        return np.asarray(tokens)[row, : int(np.asarray(n)[row])].tolist()
+
+    # ---------------------------------------------------------------------------- a request
+
+    def solve(self, question: str, images) -> Solution:
+        started = time.perf_counter()
+        ids, inputs = self.prompt(question, images)
+        return self.answer(ids, inputs, started)
+
+    def answer(self, ids: list[int], inputs, started: float) -> Solution:
+        """The mode's solution of a prompt (`prompt`'s ids and inputs); its latency counts from
+        `started`, a `time.perf_counter()` taken before the prompt was made."""
+        solution = self.mode.run(self, inputs, self.max_len(len(ids)))
+        solution.latency_s = time.perf_counter() - started
+        return solution
+
+    def warm_up(self, question: str, images) -> None:
+        """Compiles what a request shaped like this one can run, so no later request pays for
+        compilation: one full solve, then what that solve may not have reached: a verification
+        pass of every chunk width a window can produce, the target's fallback step (one row,
+        or W rows for eager), and the draft taking a committed step of every padded length and
+        dropping rejected steps."""
+        self.solve(question, images)
+        if self.spec.mode not in ("dreamr", "lookahead", "specreason") or self.device_loop:
+            return
+        ids, inputs = self.prompt(question, images)
+        max_len = self.max_len(len(ids))
+        score = self.spec.mode == "specreason"
+        suffix = self.builder.score_suffix_ids if score else self.builder.judge_suffix_ids
+        window = 1 if score else self.most_steps
+        longest = chunk_width(window * (self.spec.max_step_tokens + len(suffix)))
+        filler = self.builder.judge_suffix_ids[0]
+        for width in sorted({chunk_width(n) for n in range(1, longest + 1)}):
+            step = [filler] * max(1, width - len(suffix))
+            t = self.target.start(inputs, max_len)
+            self.cpn(self.verify(t, [step], suffix).verdict_logits)  # fetched: blocks
+        # A fallback that starts from the verification's agreement: a cut, then one token.
+        v = self.verify(self.target.start(inputs, max_len), [[filler] * 2], suffix)
+        jax.block_until_ready(self.target.extend(v.cut(1), [[filler]], [[0]])[1].logits)
+        rows = [[0], [0] * self.spec.window] if self.spec.fallback == "eager" else [[0]]
+        for batch in rows:
+            t = select_rows(self.target.start(inputs, max_len), batch)
+            jax.block_until_ready(
+                self.target.step(t, self.key(0), self.spec.max_step_tokens, self.sampling)[0]
+            )
+        width = 1
+        while width < 2 * self.spec.max_step_tokens:
+            d = self.draft.start(inputs, max_len)
+            _, d = self.draft.extend(d, [[filler] * width], [[0]])
+            jax.block_until_ready(truncate(d, 1, d.logits).cache.length)  # a rejected draft
+            width *= 2
+        for limit in sorted({window, window - self.resumes}):
+            _, marks, _ = self.draft_window(
+                self.draft.start(inputs, max_len), Solution([], []), limit
+            )
+            jax.block_until_ready(_mark(marks, np.int32(0)))  # where a rollback returns to
+
+    def start(self, inputs, max_len: int) -> tuple[Session, Session]:
+        """The target's and the draft's sessions after the prompt."""
+        return self.target.start(inputs, max_len), self.draft.start(inputs, max_len)
+
+    def done(self, tokens: list[int]) -> bool:
+        return bool(tokens) and (tokens[-1] in self.eos or len(tokens) >= self.spec.max_new_tokens)
+
+    def open_step(self, tokens: list[int]) -> int:
+        """Tokens of the chain's last step if it is not finished: since the last stop token,
+        less the whole steps the cap cut there (as `generate_steps` cuts)."""
+        ends = set(self.target.stop_ids) | self.eos
+        run = next((i for i, token in enumerate(reversed(tokens)) if token in ends), len(tokens))
+        return run % self.spec.max_step_tokens
+
+    def commit(self, sol: Solution, step: list[int], author: str, **record) -> None:
+        sol.tokens += step
+        sol.steps.append(StepRecord(self.decode(step), author, step, **record))
+
+    def draft_window(self, d: Session, sol: Solution, limit: int, in_step: int = 0):
+        """Up to `limit` draft steps, in one device call, the first of which holds `in_step`
+        committed tokens already (`generate_steps`). Returns (steps, marks `[1, limit + 1,
+        vocab]`: the draft's logits before each step and after the last, session)."""
+        budget = self.spec.max_new_tokens - len(sol.tokens)
+        # Keyed by the position the window starts at, so sampled steps get fresh randomness.
+        key = self.key(len(sol.tokens) + 7919)
+        # Only dreamr's windows end early on a doubtful step: the peers keep their schedules.
+        confidence = self.spec.draft_confidence if self.spec.mode == "dreamr" else None
+        return self.draft.steps(
+            d,
+            key,
+            budget,
+            limit,
+            self.spec.max_step_tokens,
+            self.sampling,
+            confidence,
+            in_step=in_step,
+        )
+
+    def verify(
+        self, t: Session, steps: list[list[int]], suffix_ids=None, pending: int | None = None
+    ) -> Verification:
+        """Judge queries for every drafted step in one tree-shaped pass over the target's
+        session (donated). `pending`: a committed token not yet in the target's cache (the
+        last of a `resume` fallback), fed at the head of the chain; the first step's judge
+        query sees it, and `starts` count it."""
+        suffix = list(self.builder.judge_suffix_ids if suffix_ids is None else suffix_ids)
+        slots = max(self.most_steps, len(steps))
+        chain = steps if pending is None else [[pending, *steps[0]], *steps[1:]]
+        after, verdict, greedy, ends, tree, start = self.target.verify_tree(t, chain, suffix, slots)
+        starts = np.concatenate([[0 if pending is None else 1], ends])
+        return Verification(verdict, greedy, starts, tree, start, after)
+
+    @staticmethod
+    def rows(indices, at_least: int) -> list[int]:
+        """`indices` padded with copies of the first to `at_least` rows: batched target steps
+        keep one shape (one compiled program) whatever the window held."""
+        indices = list(indices)
+        return indices + indices[:1] * (at_least - len(indices))
+
+    def cpn(self, verdict_logits):
+        """CPN verdicts on the host, all fields in one transfer: the caller reads them anyway."""
+        return jax.device_get(
+            cpn_verdicts(
+                verdict_logits,
+                self.builder.positive_ids,
+                self.builder.negative_ids,
+                self.spec.alpha,
+                self.spec.format_floor,
+            )
+        )
+
+    def resync_draft(self, d: Session, steps, marks, kept: int, new_step: list[int]) -> Session:
+        """Draft cache back to the first `kept` drafted steps, then the committed target step."""
+        drop = sum(len(s) for s in steps[kept:])
+        d = truncate(d, drop, _mark(marks, np.int32(kept))) if drop else d
+        if new_step and new_step[-1] not in self.eos:
+            _, d = self.draft.extend(d, [new_step], [[0]])
+        return d
+
+    def is_own_step(self, v: Verification, steps, j: int) -> bool:
+        """Whether drafted step j is word for word the step the target would write there
+        (greedy decoding only)."""
+        return self.sampling.greedy and v.agreement(steps, j) == len(steps[j])
+
+    def target_step(
+        self, sol: Solution, v: Verification, steps, kept: int, resume=False, in_step: int = 0
+    ):
+        """The target's own step after the first `kept` drafted steps (after `in_step` tokens of
+        it already committed: the step a `resume` fallback left open), its session, and the
+        step's last token if the session does not hold it yet (`resume`), else None.
+
+        Greedy, most of it is read off the verification pass (`Verification.agreement`): its
+        step starts with the longest prefix of the rejected draft step that agrees with its
+        greedy choices, then its own token where they part, and only the rest is decoded, from
+        the verification's cache. A wrong draft step usually parts from the target's partway
+        through (`62 + 15 = 92 + 5`), so about half of it is read off. With `resume` it stops
+        at the target's own token: the draft writes the rest of the step in the next window,
+        which the target verifies like any drafted step, feeding that token (pending) first
+        in the same pass.
+        Sampling decodes the whole step."""
+        key, cap = self.key(len(sol.tokens) + 1), self.spec.max_step_tokens
+        if not self.sampling.greedy:
+            tokens, n, _, _, t = self.target.step(v.at([kept]), key, cap, self.sampling)
+            sol.target_calls += 1
+            return self.take(tokens, n), t, None
+        draft_step, start = steps[kept], int(v.starts[kept])
+        agree = v.agreement(steps, kept)
+        if agree == len(draft_step):
+            return list(draft_step), v.at([kept + 1]), None
+        own = [*draft_step[:agree], int(v.greedy_tokens[start + agree])]
+        ends = self.target.stop_ids + self.target.eos_ids
+        room = cap - in_step - len(own)  # tokens the step may still take
+        if resume and own[-1] not in ends and room > 0:
+            return own, v.cut(start + agree), own[-1]
+        _, t = self.target.extend(v.cut(start + agree), [own[-1:]], [[0]])
+        sol.target_calls += 1
+        if own[-1] in ends or room <= 0:
+            return own, t, None
+        tokens, n, _, _, t = self.target.step(t, key, cap, self.sampling, limit=room)
+        sol.target_calls += 1
+        return own + self.take(tokens, n), t, None
+
+    def target_takes_over(
+        self, sol: Solution, v: Verification, d: Session, steps, marks, kept, in_step: int = 0
+    ):
+        """The target writes the step after the first `kept` drafted steps (`target_step`);
+        it is committed and the draft resynchronised. Returns the target and draft sessions and
+        the token pending for the target (`target_step`)."""
+        new_step, t, pending = self.target_step(sol, v, steps, kept, self.resumes, in_step)
+        self.commit(sol, new_step, "target")
+        return t, self.resync_draft(d, steps, marks, kept, new_step), pending
+
+    @property
+    def device_loop(self) -> bool:
+        """Whether the mode runs as one device loop (`window_loop.speculate`): `exact`, and
+        `dreamr` greedy with the `resume` fallback (unless `host_loop`)."""
+        s = self.spec
+        if s.mode == "exact":
+            return True
+        greedy_resume = self.resumes and self.sampling.greedy
+        return s.mode == "dreamr" and greedy_resume and not self.host_loop
+
+    def window_loop(self, t: Session, d: Session, judged: bool) -> Solution:
+        """The whole chain in one device call (`window_loop.speculate`), with the judge
+        (`dreamr`) or without (`exact`)."""
+        s, b = self.spec, self.builder
+        judge = (b.judge_suffix_ids, b.positive_ids, b.negative_ids) if judged else ()
+        shape = LoopSpec(
+            s.window,
+            s.max_step_tokens,
+            s.max_new_tokens,
+            self.target.stop_ids,
+            self.target.eos_ids,
+            self.target.pad_id,
+            *judge,
+        )
+        results = speculate(
+            self.target.graphdef,
+            self.target.state,
+            self.draft.graphdef,
+            self.draft.state,
+            t.cache,
+            d.cache,
+            t.logits,
+            d.logits,
+            shape,
+            np.float32(s.draft_confidence),
+            np.float32(s.alpha),
+            np.float32(s.format_floor),
+        )
+        r = jax.device_get(results)  # one host read for the whole chain
+        n = int(r["n"])
+        return Solution(
+            r["tokens"][:n].tolist(),
+            self._records(r, n),
+            proposed=int(r["proposed"]),
+            accepted=int(r["accepted"]),
+            target_calls=int(r["passes"]),
+            format_misses=int(r["format_misses"]),
+        )
+
+    def _records(self, r: dict, n: int) -> list[StepRecord]:
+        """The host loop's step records, from what the device loop keeps (`speculate`): the
+        committed units in order, each draft step that was not kept just before the target's
+        tokens that replaced it, and a step the judge refused but the target would have written
+        itself both as that refused draft step and as the target's."""
+        dropped = {
+            int(at): (r["dropped"][w, :length].tolist(), float(r["dropped_p"][w]))
+            for w, (at, length) in enumerate(zip(r["dropped_at"], r["dropped_len"], strict=True))
+            if length > 0
+        }
+        tokens, records, start = r["tokens"][:n].tolist(), [], 0
+        for end in np.flatnonzero(r["unit_end"][:n]) + 1:
+            if start in dropped:
+                step, p = dropped[start]
+                p = None if np.isnan(p) else p
+                records.append(StepRecord(self.decode(step), "draft", step, p, False, False))
+            unit, p = tokens[start:end], float(r["unit_p"][end - 1])
+            text = self.decode(unit)
+            if r["by_draft"][end - 1]:
+                records.append(StepRecord(text, "draft", unit, p, True))
+            else:
+                if not np.isnan(p):
+                    records.append(StepRecord(text, "draft", unit, p, False, False))
+                records.append(StepRecord(text, "target", unit))
+            start = end
+        return records
+
+    def split_steps(self, tokens: list[int]) -> list[StepRecord]:
+        """A chain cut into steps where step loops cut it: after a stop token, or at the cap."""
+        steps, current = [], []
+        for token in tokens:
+            current.append(token)
+            ends = token in self.target.stop_ids or token in self.eos
+            if ends or len(current) >= self.spec.max_step_tokens:
+                steps.append(StepRecord(self.decode(current), "target", current))
+                current = []
+        if current:
+            steps.append(StepRecord(self.decode(current), "target", current))
+        return steps
