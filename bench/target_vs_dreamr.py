@@ -77,9 +77,12 @@ def judged_steps(sol: Solution, text: str, delimiter: str = digitmath.STEP_DELIM
     return out
 
 
-def baseline(name: str) -> str:
-    """The engine a speedup is measured against: `target`, or `target@T` for one sampling at T."""
-    return "target" + name[name.index("@") :] if "@" in name else "target"
+def baseline(name: str, names) -> str:
+    """The engine a speedup is measured against: `target`, or for `dreamr@T` (`--sampled T`) the
+    target sampling at T (`target@T`; other names with an @, an alpha in `sapo_vs_ns.py`, have
+    no such engine)."""
+    sampled = "target" + name[name.index("@") :] if "@" in name else None
+    return sampled if sampled in names else "target"
 
 
 def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[dict]:
@@ -116,9 +119,9 @@ def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[di
                 )
         result = {}
         for name in names:
-            base = np.array([r["latency_s"] for r in rows[baseline(name)]])
+            base = np.array([r["latency_s"] for r in rows[baseline(name, names)]])
             mine = np.array([r["latency_s"] for r in rows[name]])
-            pairs = zip(rows[name], rows[baseline(name)], strict=True)
+            pairs = zip(rows[name], rows[baseline(name, names)], strict=True)
             same = np.mean([a["text"] == b["text"] for a, b in pairs])
             result[name] = {
                 "ms": float(mine.mean() * 1e3),
