@@ -196,6 +196,27 @@ def test_steps_the_judge_accepts_are_committed_as_the_draft_wrote_them(pair, pro
         assert all(s.author == "draft" and s.accepted and s.p > alpha for s in sol.steps)
 
 
+def test_lazy_and_eager_fallbacks_commit_the_same_chain(pair, problems):
+    """With a judge that accepts some steps and rejects others (alpha < 1), `eager` computes the
+    target's step at every position of a window before the verdicts and `lazy` only after a
+    rejection; greedy, both commit the same chain, step records and counters."""
+    spec = dataclasses.replace(SPEC, mode="dreamr", alpha=0.5, draft_confidence=0.0)
+    lazy, eager = (
+        _judged(Engine(*pair, dataclasses.replace(spec, fallback=f)), MIXED)
+        for f in ("lazy", "eager")
+    )
+    accepted = refused = 0
+    for p in problems[:6]:
+        want = lazy.solve(p.question, [problem_image(p)])
+        got = eager.solve(p.question, [problem_image(p)])
+        assert got.tokens == want.tokens
+        assert _records(got) == _records(want)
+        assert (got.proposed, got.accepted) == (want.proposed, want.accepted)
+        accepted += want.accepted
+        refused += sum(s.author == "draft" and not s.committed for s in want.steps)
+    assert accepted > 0 and refused > 0  # both verdicts were taken
+
+
 @pytest.mark.parametrize("fallback", ["lazy", "eager", "resume", "resume-host"])
 def test_a_rejected_step_is_replaced_by_the_target_s(pair, problems, target_outputs, fallback):
     """A judge that says no to every step (in format: its mass on the "no" words), at the
