@@ -119,9 +119,10 @@ def timed_passes(engines: dict[str, Engine], problems, n_passes: int) -> list[di
                 )
         result = {}
         for name in names:
-            base = np.array([r["latency_s"] for r in rows[baseline(name, names)]])
+            reference = rows[baseline(name, names)]
+            base = np.array([r["latency_s"] for r in reference])
             mine = np.array([r["latency_s"] for r in rows[name]])
-            pairs = zip(rows[name], rows[baseline(name, names)], strict=True)
+            pairs = zip(rows[name], reference, strict=True)
             same = np.mean([a["text"] == b["text"] for a, b in pairs])
             result[name] = {
                 "ms": float(mine.mean() * 1e3),
