@@ -10,7 +10,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from tiny_pair import make_tiny_pair
+from tiny_pair import MIXED, VOCAB, load_near_target, make_tiny_pair, with_judge
 
 from dreamr_jax.config.schema import MODES, PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
@@ -72,13 +72,7 @@ def test_greedy_invariants_reproduce_target(pair, problems, target_outputs, spec
 
 @pytest.fixture(scope="module")
 def near_target(pair):
-    """The tiny target with noise on its lm_head: it agrees with the target on most tokens and
-    parts from it on some, so its windows run on long after a parting."""
-    near = load_checkpoint(pair[0].path, PromptConfig())
-    head = near.model.lm_head.kernel
-    noise = np.random.default_rng(0).normal(size=head.get_value().shape).astype(np.float32)
-    head.set_value(head.get_value() + 0.5 * float(np.std(head.get_value())) * noise)
-    return near
+    return load_near_target(pair[0].path)
 
 
 @pytest.mark.parametrize(
@@ -121,23 +115,6 @@ def test_modes_write_well_formed_chains(pair, problems, mode):
             assert sol.proposed > 0 and sol.target_calls > 0
 
 
-# Judges made of the tiny target's next-token distribution after the judge suffix, by choosing
-# its "yes" and "no" words (the builder's positive and negative ids). MIXED: yes = the ids that
-# leave 1 divided by 4, no = those that leave 3; the random target's likeliest answers fall in
-# both and outside both, so p spreads over (0, 1) and about a fifth of the verdicts miss the
-# format floor.
-VOCAB = 512  # the tiny pair's vocabulary (configs/models/tiny.yaml)
-MIXED = (tuple(range(1, VOCAB, 4)), tuple(range(3, VOCAB, 4)))
-
-
-def _judged(engine: Engine, judge: tuple[tuple[int, ...], tuple[int, ...]]) -> Engine:
-    positive, negative = judge
-    engine.builder = dataclasses.replace(
-        engine.builder, positive_ids=positive, negative_ids=negative
-    )
-    return engine
-
-
 def _records(sol):
     return [(s.text, s.author, s.committed, s.accepted, s.p is None) for s in sol.steps]
 
@@ -154,8 +131,8 @@ def test_device_loop_commits_what_the_host_loop_commits(pair, problems, near_tar
     # steps after a rejected one are drafted (and judged) too.
     for draft, confidence in ((pair[1], 0.0), (near_target, SPEC.draft_confidence)):
         spec = dataclasses.replace(SPEC, mode="dreamr", alpha=alpha, draft_confidence=confidence)
-        device = _judged(Engine(pair[0], draft, spec), MIXED)
-        host = _judged(Engine(pair[0], draft, spec, host_loop=True), MIXED)
+        device = with_judge(Engine(pair[0], draft, spec), MIXED)
+        host = with_judge(Engine(pair[0], draft, spec, host_loop=True), MIXED)
         assert device.device_loop and not host.device_loop
         for p in problems[:6]:
             got = device.solve(p.question, [problem_image(p)])
@@ -186,7 +163,7 @@ def test_steps_the_judge_accepts_are_committed_as_the_draft_wrote_them(pair, pro
     the draft's steps as they are, so its chain is the draft's own."""
     everything = (tuple(range(1, VOCAB)), (0,))
     spec = dataclasses.replace(SPEC, mode="dreamr")
-    engine = _judged(Engine(*pair, spec, host_loop=loop == "host"), everything)
+    engine = with_judge(Engine(*pair, spec, host_loop=loop == "host"), everything)
     alone = Engine(*pair, dataclasses.replace(SPEC, mode="draft"))
     for p in problems[:4]:
         sol = engine.solve(p.question, [problem_image(p)])
@@ -202,7 +179,7 @@ def test_lazy_and_eager_fallbacks_commit_the_same_chain(pair, problems):
     rejection; greedy, both commit the same chain, step records and counters."""
     spec = dataclasses.replace(SPEC, mode="dreamr", alpha=0.5, draft_confidence=0.0)
     lazy, eager = (
-        _judged(Engine(*pair, dataclasses.replace(spec, fallback=f)), MIXED)
+        with_judge(Engine(*pair, dataclasses.replace(spec, fallback=f)), MIXED)
         for f in ("lazy", "eager")
     )
     accepted = refused = 0
@@ -227,7 +204,7 @@ def test_a_rejected_step_is_replaced_by_the_target_s(pair, problems, target_outp
     fallback, _, host = fallback.partition("-")
     spec = dataclasses.replace(SPEC, mode="dreamr", fallback=fallback)
     nothing = ((0,), tuple(range(1, VOCAB)))
-    engine = _judged(Engine(*pair, spec, host_loop=bool(host)), nothing)
+    engine = with_judge(Engine(*pair, spec, host_loop=bool(host)), nothing)
     for p, want in zip(problems[:4], target_outputs, strict=False):
         sol = engine.solve(p.question, [problem_image(p)])
         assert sol.tokens == want

@@ -26,6 +26,7 @@ from dreamr_jax.data import digitmath
 from dreamr_jax.serve import batch
 from dreamr_jax.serve.checkpoints import CALIBRATION_FILE, weights_digest
 from dreamr_jax.serve.main import with_pair_alpha
+from dreamr_jax.speculative.batch import RowBatch
 from dreamr_jax.speculative.engine import Engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,14 +74,15 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
 
 
-def test_poison_records_get_errors_and_the_batch_goes_on(data_dir, models, tmp_path):
+@pytest.mark.parametrize("rows", [1, 4])
+def test_poison_records_get_errors_and_the_batch_goes_on(data_dir, models, tmp_path, rows):
     good = _records(data_dir / "test.jsonl")[:3]
     images = data_dir / "images"
     (images / "broken.png").write_bytes(b"not a png")
     Image.new("L", (4000, 10)).save(images / "wide.png")  # aspect ratio 400: processor refuses
     (images / "bomb.png").write_bytes(_png_header(14000, 13000))  # PIL's DecompressionBombError
     (images / "large.png").write_bytes(_png_header(7000, 7000))  # over data.max_image_pixels
-    (images / "folder.png").mkdir()
+    (images / "folder.png").mkdir(exist_ok=True)
     image = good[0]["image"]
     poison = {
         "line-2": '{"id": "torn", "question": ',
@@ -106,6 +108,7 @@ def test_poison_records_get_errors_and_the_batch_goes_on(data_dir, models, tmp_p
     path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
     args = [f"data.input={path}", f"output={out}", "spec.mode=target", "warmup=1", *models]
+    args.append(f"batch_size={rows}")
     assert serve.main(args) == 0
     records = {r["id"]: r for r in _records(out)}
     assert len(records) == len(lines) == len(poison) + 3
@@ -137,8 +140,11 @@ def test_poison_records_get_errors_and_the_batch_goes_on(data_dir, models, tmp_p
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     assert summary["n"] == len(lines) and summary["n_errors"] == len(poison)
     assert summary["mode"] == "target" and summary["settings"]["spec"]["mode"] == "target"
-    # Latencies leave out the warm-up, which ran in the middle of the first good record.
-    assert 0 < summary["total_time_s"] <= summary["run_time_s"]
+    # Latencies leave out the warm-up, which ran in the middle of the first good record (one at
+    # a time they add up to at most the run's time; in flight together they overlap).
+    if rows == 1:
+        assert 0 < summary["total_time_s"] <= summary["run_time_s"]
+    assert summary["throughput"] == pytest.approx(len(good) / summary["run_time_s"])
     # A rerun answers nothing again: every id, the duplicate's line key included, is done.
     assert serve.main(args) == 0
     assert [r["id"] for r in _records(out)] == list(records)
@@ -181,6 +187,55 @@ def test_a_process_failure_stops_the_run_and_keeps_what_was_answered(
     assert not (tmp_path / "out.jsonl.lock").exists()
     assert serve.main(args) == 0
     assert [r["id"] for r in _records(out)] == [f"test-{i:05d}" for i in range(3)]
+
+
+def test_a_process_failure_in_a_batch_stops_the_run_and_keeps_what_was_answered(
+    data_dir, models, tmp_path, monkeypatch, capsys
+):
+    run = RowBatch.run
+    calls = []
+
+    def runs_out_of_memory_once(self):
+        calls.append(1)
+        if len(calls) == 2:  # the first call finished at least one row
+            raise MemoryError("host out of memory")
+        return run(self)
+
+    monkeypatch.setattr(RowBatch, "run", runs_out_of_memory_once)
+    out = tmp_path / "out.jsonl"
+    args = _args(data_dir, out, models, "spec.mode=exact", "batch_size=3", "data.limit=6")
+    assert serve.main(args) == 1
+    message = capsys.readouterr().err
+    assert (
+        "the run stopped: the batch of records 'test-0000" in message and "MemoryError" in message
+    )
+    kept = [r["id"] for r in _records(out)]
+    assert 0 < len(kept) < 6
+    assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["n"] == len(kept)
+    assert serve.main(args) == 0
+    ids = [r["id"] for r in _records(out)]
+    assert sorted(ids) == [f"test-{i:05d}" for i in range(6)] and ids[: len(kept)] == kept
+
+
+@pytest.mark.parametrize("mode", ["target", "exact", "dreamr"])
+def test_a_batch_of_requests_answers_as_one_at_a_time(data_dir, models, tmp_path, mode):
+    """8 problems through 3 rows refilled as they finish: the same answers, steps and counters
+    as one request at a time (CPN p within float rounding: a batch adds up its rows' sums in
+    another order)."""
+    answers, p = {}, {}
+    for rows in (1, 3):
+        out = tmp_path / f"out-{rows}.jsonl"
+        args = _args(data_dir, out, models, f"spec.mode={mode}", f"batch_size={rows}")
+        assert serve.main([*args, "spec.alpha=0.5"]) == 0
+        records = sorted(_records(out), key=lambda r: r["id"])
+        p[rows] = [s.pop("p", None) for r in records for s in r["steps"]]
+        answers[rows] = [
+            {k: v for k, v in r.items() if k not in ("latency_s", "settings")} for r in records
+        ]
+    assert answers[3] == answers[1] and len(answers[1]) == 8
+    assert [x is None for x in p[3]] == [x is None for x in p[1]]
+    got, want = ([x for x in p[rows] if x is not None] for rows in (3, 1))
+    assert got == pytest.approx(want, abs=1e-5)
 
 
 def test_a_damaged_output_line_is_moved_out_and_its_id_answered_again(data_dir, models, tmp_path):
@@ -235,7 +290,8 @@ def test_two_runs_on_one_output_one_refuses_the_other_finishes(data_dir, models,
     assert sorted(ids) == [f"test-{i:05d}" for i in range(8)]
 
 
-def test_killed_run_resumes_every_id_exactly_once(data_dir, models, tmp_path):
+@pytest.mark.parametrize("rows", [1, 3])
+def test_killed_run_resumes_every_id_exactly_once(data_dir, models, tmp_path, rows):
     out = tmp_path / "resume.jsonl"
     cmd = [
         sys.executable,
@@ -243,6 +299,7 @@ def test_killed_run_resumes_every_id_exactly_once(data_dir, models, tmp_path):
         f"data.input={data_dir / 'test.jsonl'}",
         f"output={out}",
         "spec.mode=dreamr",
+        f"batch_size={rows}",
         "warmup=0",
         *(m for m in models if not m.startswith("compilation_cache=")),
         # A cache that the kill may leave half-written, read by the rerun.
@@ -277,13 +334,15 @@ def test_killed_run_resumes_every_id_exactly_once(data_dir, models, tmp_path):
         ("data.input={missing}", "data.input"),
         ("output={tmp}", "output"),
         ("output={file}/out.jsonl", "output"),  # its folder is a file
+        ("batch_size=0", "batch_size"),
+        ("batch_size=4 spec.mode=sd", "batch_size"),  # a host-loop mode: one at a time
     ],
 )
 def test_bad_config_or_path_fails_before_any_work(override, key, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     override = override.format(missing=tmp_path / "nope", tmp=tmp_path, file=tmp_path / "file")
     out = tmp_path / "never.jsonl"
-    assert serve.main([f"output={out}", override]) == 2
+    assert serve.main([f"output={out}", *override.split()]) == 2
     err = capsys.readouterr().err
     assert err.startswith("config error: ") and f"{key}: " in err
     assert not out.exists() and not (tmp_path / "digitmath-test").exists()

@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
 from flax import nnx
 
 from dreamr_jax.config import load_config
+from dreamr_jax.config.schema import PromptConfig
 from dreamr_jax.data.tokenizer import build_default_tokenizer
 from dreamr_jax.models import init_model
 from dreamr_jax.models.processor import make_image_processor
+from dreamr_jax.serve.checkpoints import load_checkpoint
 from dreamr_jax.train.sft import export_checkpoint
 
 LOGIT_SCALE = 40.0
@@ -40,3 +43,31 @@ def make_tiny_pair(root: str) -> tuple[str, str]:
         export_checkpoint(model, tokenizer, make_image_processor(model_cfg.vision), path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def load_near_target(target_path: str):
+    """The tiny target with noise on its lm_head: it agrees with the target on most tokens and
+    parts from it on some, so its windows run on long after a parting."""
+    near = load_checkpoint(target_path, PromptConfig())
+    head = near.model.lm_head.kernel
+    noise = np.random.default_rng(0).normal(size=head.get_value().shape).astype(np.float32)
+    head.set_value(head.get_value() + 0.5 * float(np.std(head.get_value())) * noise)
+    return near
+
+
+# Judges made of the tiny target's next-token distribution after the judge suffix, by choosing
+# its "yes" and "no" words (the builder's positive and negative ids). MIXED: yes = the ids that
+# leave 1 divided by 4, no = those that leave 3; the random target's likeliest answers fall in
+# both and outside both, so p spreads over (0, 1) and about a fifth of the verdicts miss the
+# format floor.
+VOCAB = 512  # the tiny pair's vocabulary (configs/models/tiny.yaml)
+MIXED = (tuple(range(1, VOCAB, 4)), tuple(range(3, VOCAB, 4)))
+
+
+def with_judge(engine, judge: tuple[tuple[int, ...], tuple[int, ...]]):
+    """`engine` whose judge answers with the words `judge` (positive ids, negative ids)."""
+    positive, negative = judge
+    engine.builder = dataclasses.replace(
+        engine.builder, positive_ids=positive, negative_ids=negative
+    )
+    return engine

@@ -682,6 +682,10 @@ class ServeConfig:
     # the records it lacks
     output: str = "runs/serve/output.jsonl"
     seed: int = 0  # seed of the random draws of sampling (spec.temperature > 0)
+    # Requests in flight at once (continuous batching: a finished one is replaced at once). Above
+    # 1 the mode must run as a device loop: target, draft, exact, or greedy dreamr with fallback
+    # resume
+    batch_size: int = 1
     warmup: int = 2  # problems solved (and discarded) first, so compilation is not timed
     # Compiled programs persist here across runs (empty = off): a second `python serve.py`
     # skips the ~25 s of compilation. Entries are keyed by program and JAX version.
@@ -700,3 +704,15 @@ class ServeConfig:
             _fail("output", "must name a JSONL file")
         if not 0 <= self.warmup <= MAX_WARMUP:
             _fail("warmup", f"must be in [0, {MAX_WARMUP}], got {self.warmup}")
+        _check_size("batch_size", self.batch_size, MAX_BATCH, "requests in flight")
+        s = self.spec
+        device_loop = s.mode in ("target", "draft", "exact") or (
+            s.mode == "dreamr" and s.fallback == "resume" and s.temperature == 0
+        )
+        if self.batch_size > 1 and not device_loop:
+            _fail(
+                "batch_size",
+                f"{self.batch_size} needs a mode that runs as a device loop (target, draft, exact, "
+                f"or dreamr with spec.fallback=resume and spec.temperature=0); spec.mode="
+                f"{s.mode} answers one request at a time",
+            )

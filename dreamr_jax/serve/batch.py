@@ -41,6 +41,7 @@ from dreamr_jax.serve.records import (
     question_of,
     read_records,
 )
+from dreamr_jax.speculative.batch import RowBatch
 from dreamr_jax.speculative.engine import Engine
 from dreamr_jax.speculative.records import Solution
 
@@ -94,15 +95,27 @@ def solution_record(engine: Engine, rid: str, record: dict, sol: Solution) -> di
     return out
 
 
-def warm_up(engine: Engine, n: int) -> None:
-    """Compiles on n DigitMath train problems before anything is timed."""
-    for problem in digitmath.generate_problems("train", n, 12345):
-        engine.warm_up(problem.question, [problem_image(problem)])
+def warm_up(engine: Engine, n: int, rows: int = 1) -> None:
+    """Compiles on n DigitMath train problems before anything is timed, through a batch of
+    `rows` rows when there is more than one (its programs are the batch's)."""
+    problems = digitmath.generate_problems("train", n, 12345)
+    if rows == 1:
+        for problem in problems:
+            engine.warm_up(problem.question, [problem_image(problem)])
+        return
+    batch = RowBatch(engine, rows)
+    for problem in problems:
+        batch.admit(*engine.prompt(problem.question, [problem_image(problem)]), None, 0.0)
+        if not batch.free:
+            batch.run()
+    while batch.busy:
+        batch.run()
 
 
 class Answerer:
-    """Answers input records one at a time with one engine, warmed up before the first record
-    that reaches it (so a file of nothing but bad records compiles nothing)."""
+    """Answers input records with one engine, one at a time or `batch_size` in flight, warmed up
+    before the first record that reaches it (so a file of nothing but bad records compiles
+    nothing)."""
 
     def __init__(self, cfg: ServeConfig, engine: Engine, folder: Path):
         self.cfg, self.engine, self.folder = cfg, engine, folder
@@ -113,18 +126,78 @@ class Answerer:
         """The output line of one input record: its answer, or its `error`."""
         if item.error is not None:
             return {"id": item.id, "error": item.error}
+        with self._stop_on_process_failure(f"record {item.id!r} (line {item.line})"):
+            try:
+                return self._answer(item.id, item.record)
+            except RecordError as e:
+                return {"id": item.id, "error": str(e)}
+
+    def lines(self, todo: list[InputRecord]) -> Iterator[tuple[InputRecord, dict]]:
+        """Each record with its output line, in the order they finish: one at a time, or
+        through a batch of `batch_size` rows refilled as rows finish (`RowBatch`)."""
+        if self.cfg.batch_size == 1:
+            for item in todo:
+                yield item, self(item)
+            return
+        batch, queue, more = RowBatch(self.engine, self.cfg.batch_size), iter(todo), True
+        while more or batch.busy:
+            while more and batch.free:
+                item = next(queue, None)
+                more = item is not None
+                line = self._admit(batch, item) if more else None
+                if line is not None:
+                    yield item, line
+            if batch.busy:
+                yield from self._run(batch)
+
+    def _admit(self, batch: RowBatch, item: InputRecord) -> dict | None:
+        """Puts a record in a free row of `batch`; its `error` line where it cannot go in."""
+        if item.error is not None:
+            return {"id": item.id, "error": item.error}
+        with self._stop_on_process_failure(f"record {item.id!r} (line {item.line})"):
+            try:
+                ids, inputs, preparation_s = self.prepare(item.record)
+                self._warm_up()
+                started = time.perf_counter() - preparation_s
+                with blame("answering"):
+                    batch.admit(ids, inputs, item, started)
+            except RecordError as e:
+                return {"id": item.id, "error": str(e)}
+        return None
+
+    def _run(self, batch: RowBatch) -> Iterator[tuple[InputRecord, dict]]:
+        """The batch run until a row finishes; the finished records with their lines."""
+        in_flight = ", ".join(repr(row.tag.id) for row in batch.flight if row is not None)
+        with self._stop_on_process_failure(f"the batch of records {in_flight}"):
+            finished = batch.run()
+        for item, solution in finished:
+            try:
+                yield item, self.finish(item.id, item.record, solution)
+            except RecordError as e:
+                yield item, {"id": item.id, "error": str(e)}
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _stop_on_process_failure(where: str) -> Iterator[None]:
         try:
-            return self._answer(item.id, item.record)
-        except RecordError as e:
-            return {"id": item.id, "error": str(e)}
+            yield
         except Exception as e:
             if not is_process_failure(e):
                 raise
-            raise ServeFailure(
-                f"record {item.id!r} (line {item.line}): {type(e).__name__}: {e}"
-            ) from e
+            raise ServeFailure(f"{where}: {type(e).__name__}: {e}") from e
 
     def _answer(self, rid: str, record: dict) -> dict:
+        ids, inputs, preparation_s = self.prepare(record)
+        self._warm_up()
+        # The latency counts the preparation and the answer, not a warm-up between them.
+        started = time.perf_counter() - preparation_s
+        with blame("answering"):
+            solution = self.engine.answer(ids, inputs, started)
+        return self.finish(rid, record, solution)
+
+    def prepare(self, record: dict) -> tuple[list[int], object, float]:
+        """A record's prompt ids and model inputs, and the seconds they took; a `RecordError`
+        names the field or stage at fault."""
         data = self.cfg.data
         question = question_of(record)
         paths = image_paths(record, data.max_images)
@@ -134,12 +207,9 @@ class Answerer:
             pixels, grid = process_images(self.engine.processor, images)
         with blame("prompt"):
             ids, inputs = self.engine.prompt_from_patches(question, pixels, grid)
-        preparation_s = time.perf_counter() - began
-        self._warm_up()
-        # The latency counts the preparation and the answer, not a warm-up between them.
-        started = time.perf_counter() - preparation_s
-        with blame("answering"):
-            solution = self.engine.answer(ids, inputs, started)
+        return ids, inputs, time.perf_counter() - began
+
+    def finish(self, rid: str, record: dict, solution: Solution) -> dict:
         with blame("output"):
             return solution_record(self.engine, rid, record, solution)
 
@@ -148,7 +218,7 @@ class Answerer:
             return
         began = time.perf_counter()
         try:
-            warm_up(self.engine, self.cfg.warmup)
+            warm_up(self.engine, self.cfg.warmup, self.cfg.batch_size)
         except Exception as e:
             raise ServeFailure(
                 f"warm-up failed: the models could not answer a DigitMath problem "
@@ -190,11 +260,13 @@ def serve(
             except Exception as e:
                 raise ServeFailure(f"loading the models: {type(e).__name__}: {e}") from e
             answer = Answerer(cfg, engine, Path(input_path).resolve().parent)
-        started = time.perf_counter()
+        started, solved = time.perf_counter(), 0
         try:
             with open(cfg.output, "a", encoding="utf-8") as out:
-                for item in tqdm(todo, desc=cfg.spec.mode, disable=not progress or None):
-                    line = answer(item)
+                lines = answer.lines(todo) if answer else iter(())
+                bar = dict(total=len(todo), desc=cfg.spec.mode, disable=not progress or None)
+                for item, line in tqdm(lines, **bar):
+                    solved += "error" not in line
                     if "error" in line:
                         tqdm.write(printable(f"record {item.id!r}: {line['error']}"), sys.stderr)
                     line["settings"] = settings
@@ -203,6 +275,13 @@ def serve(
                     answered.append(line)
         finally:
             run_s = time.perf_counter() - started - (answer.warmup_s if answer else 0.0)
-            summary = summarize(answered, run_time_s=run_s, lines_moved=len(done.damaged))
+            summary = summarize(
+                answered,
+                run_time_s=run_s,
+                # Problems answered per second of this run: with requests in flight together, a
+                # sum of their latencies is no measure of speed.
+                throughput=solved / run_s if solved else None,
+                lines_moved=len(done.damaged),
+            )
             write_summary(cfg.output, summary)
     return summary

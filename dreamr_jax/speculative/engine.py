@@ -1,17 +1,20 @@
 """The engine: one target, one draft, and the pieces every decoding mode shares (DESIGN.md
 section 2): prompts and sessions, draft windows, tree-shaped verification and CPN verdicts, commit,
-the target taking over a step, rollback, and the device loop of `exact` and greedy `dreamr`. The
+the target taking over a step, rollback, and the records of the device loops. The
 modes themselves are one module each under `modes/`, looked up by `spec.mode`.
 
-Every mode answers one request (images + question) at a time, so latencies are per problem; the
-parallelism of a mode comes from batching inside it: CPN verifies the W drafted steps of a window
-as W rows of one forward pass, and eager fallback / Lookahead generate the target's steps for all
-W positions as one batched step loop. Device work is dispatched before the host reads any verdict.
+A mode answers one request (images + question) at a time through `Engine.solve`; the modes that
+run as one device loop (`target`, `draft`, `exact`, greedy `dreamr` with `resume`) also answer
+many at once, each request in a row of its own (`batch.py`). Inside a request the parallelism
+comes from batching too: CPN verifies the W drafted steps of a window as W branches of one
+forward pass, and eager fallback / Lookahead generate the target's steps for all W positions as
+one batched step loop. Device work is dispatched before the host reads any verdict.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -26,7 +29,6 @@ from dreamr_jax.speculative.cpn import cpn_verdicts
 from dreamr_jax.speculative.records import Solution, StepRecord
 from dreamr_jax.speculative.runner import ModelRunner, Session, chunk_width, select_rows, truncate
 from dreamr_jax.speculative.verification import Verification
-from dreamr_jax.speculative.window_loop import LoopSpec, speculate
 
 # Prompts are left-padded to a multiple of this, so few shapes are ever compiled; prefill is
 # compute-bound, so padding a DigitMath prompt of 33-48 tokens to 64 cost a third of it.
@@ -317,60 +319,27 @@ class Engine:
         self.commit(sol, new_step, "target")
         return t, self.resync_draft(d, steps, marks, kept, new_step), pending
 
+    @functools.cached_property
+    def lanes(self):
+        """The mode's device loop over a batch of rows (`batch.py`); None for a host loop."""
+        return self.mode.lanes(self) if self.mode.lanes else None
+
     @property
     def device_loop(self) -> bool:
-        """Whether the mode runs as one device loop (`window_loop.speculate`): `exact`, and
+        """Whether the mode runs as one device loop (`batch.py`): `target`, `draft`, `exact`, and
         `dreamr` greedy with the `resume` fallback (unless `host_loop`)."""
         s = self.spec
-        if s.mode == "exact":
+        if s.mode in ("target", "draft", "exact"):
             return True
         greedy_resume = self.resumes and self.sampling.greedy
         return s.mode == "dreamr" and greedy_resume and not self.host_loop
 
-    def window_loop(self, t: Session, d: Session, judged: bool) -> Solution:
-        """The whole chain in one device call (`window_loop.speculate`), with the judge
-        (`dreamr`) or without (`exact`)."""
-        s, b = self.spec, self.builder
-        judge = (b.judge_suffix_ids, b.positive_ids, b.negative_ids) if judged else ()
-        shape = LoopSpec(
-            s.window,
-            s.max_step_tokens,
-            s.max_new_tokens,
-            self.target.stop_ids,
-            self.target.eos_ids,
-            self.target.pad_id,
-            *judge,
-        )
-        results = speculate(
-            self.target.graphdef,
-            self.target.state,
-            self.draft.graphdef,
-            self.draft.state,
-            t.cache,
-            d.cache,
-            t.logits,
-            d.logits,
-            shape,
-            np.float32(s.draft_confidence),
-            np.float32(s.alpha),
-            np.float32(s.format_floor),
-        )
-        r = jax.device_get(results)  # one host read for the whole chain
-        n = int(r["n"])
-        return Solution(
-            r["tokens"][:n].tolist(),
-            self._records(r, n),
-            proposed=int(r["proposed"]),
-            accepted=int(r["accepted"]),
-            target_calls=int(r["passes"]),
-            format_misses=int(r["format_misses"]),
-        )
-
-    def _records(self, r: dict, n: int) -> list[StepRecord]:
-        """The host loop's step records, from what the device loop keeps (`speculate`): the
-        committed units in order, each draft step that was not kept just before the target's
-        tokens that replaced it, and a step the judge refused but the target would have written
-        itself both as that refused draft step and as the target's."""
+    def device_records(self, r: dict, n: int) -> list[StepRecord]:
+        """The host loop's step records, from what the device loop keeps of one row
+        (`window_loop.speculate`): the committed units in order, each draft step that was not
+        kept just before the target's tokens that replaced it, and a step the judge refused but
+        the target would have written itself both as that refused draft step and as the
+        target's."""
         dropped = {
             int(at): (r["dropped"][w, :length].tolist(), float(r["dropped_p"][w]))
             for w, (at, length) in enumerate(zip(r["dropped_at"], r["dropped_len"], strict=True))
@@ -393,15 +362,15 @@ class Engine:
             start = end
         return records
 
-    def split_steps(self, tokens: list[int]) -> list[StepRecord]:
+    def split_steps(self, tokens: list[int], author: str = "target") -> list[StepRecord]:
         """A chain cut into steps where step loops cut it: after a stop token, or at the cap."""
         steps, current = [], []
         for token in tokens:
             current.append(token)
             ends = token in self.target.stop_ids or token in self.eos
             if ends or len(current) >= self.spec.max_step_tokens:
-                steps.append(StepRecord(self.decode(current), "target", current))
+                steps.append(StepRecord(self.decode(current), author, current))
                 current = []
         if current:
-            steps.append(StepRecord(self.decode(current), "target", current))
+            steps.append(StepRecord(self.decode(current), author, current))
         return steps

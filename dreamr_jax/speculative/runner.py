@@ -202,6 +202,7 @@ def generate_steps(
     *,
     in_step,
     keep_marks: bool = True,
+    active=None,
 ):
     """Up to `max_steps` steps per row in one device loop (a draft window): no host round trip
     between steps. A row stops after EOS, after `max_steps` steps, once it has written `budget`
@@ -214,7 +215,8 @@ def generate_steps(
     `[batch]`: tokens of each row's current step already in the cache (0 at a step boundary;
     more where the target began the step and left it to the draft, the `resume` fallback), so
     the first step reaches `max_step_tokens` that much sooner and every step is cut where the
-    target alone would cut it.
+    target alone would cut it. `active` `[batch]` (default all): rows that write nothing (a
+    batch's empty or finished rows).
 
     Returns tokens `[batch, max_steps * max_step_tokens]` (-1 past the end), ends `[batch,
     max_steps]` (tokens written through each step, 0 for steps not written), the number of steps
@@ -264,7 +266,7 @@ def generate_steps(
     carry = (
         0,
         jnp.full((b, max_steps * max_step_tokens), -1, jnp.int32),
-        jnp.ones((b,), bool),
+        jnp.ones((b,), bool) if active is None else active,
         zeros,
         jnp.asarray(in_step, jnp.int32),
         jnp.ones((b,), jnp.float32),
@@ -479,6 +481,10 @@ class ModelRunner:
         cache = _new_cache(self.config.text, inputs.input_ids.shape[0], max_len, self.model.dtype)
         logits, cache = prefill(self.graphdef, self.state, inputs, cache)
         return Session(cache, logits)
+
+    def empty(self, rows: int, max_len: int) -> KVCache:
+        """An empty cache of `rows` rows."""
+        return _new_cache(self.config.text, rows, max_len, self.model.dtype)
 
     def prompt_inputs(self, ids: Sequence[int], pixel_values, grid) -> ModelInputs:
         inputs, _ = prepare_inputs(self.config, np.asarray([ids]), None, pixel_values, grid)

@@ -1,6 +1,8 @@
-"""`exact`, and `dreamr` greedy with the `resume` fallback, as one device loop: draft a window,
-verify it in one target pass, commit, roll both caches back, repeat, with no host round trip
-until the chain is done.
+"""`exact`, and `dreamr` greedy with the `resume` fallback, as one device loop over a batch of
+rows, a request each: draft a window, verify it in one target pass, commit, roll both caches
+back, repeat, with no host round trip until a row's chain is done (then the host refills that
+row, `batch.py`). Rows are independent: each has its own chain, step and caches' lengths, and
+the per-row decisions below are written for one row and mapped over the batch (`jax.vmap`).
 
 A window: the draft writes up to W steps (W + 1 when the committed chain ends inside a step: the
 first one finishes it) after the token the target committed last, which is in neither cache yet
@@ -37,9 +39,9 @@ loop feeds it to the target with a call of its own.
 
 Pass widths are dynamic (the drafted chain's length is known only on the device), so the pass is
 a `lax.switch` over the padded widths `chunk_width` allows: one program, and each window pays
-only for its own width. (XLA copies the target's cache into the branch taken, two 1.2 MB copies
-a window for the DigitMath target; the two ways around it measured so far were slower,
-docs/benchmarks.md.)
+only for its widest row's width. (XLA copies the target's cache into the branch taken, two
+1.2 MB copies a window and row for the DigitMath target; the two ways around it measured so far
+were slower, docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -100,25 +102,26 @@ class LoopSpec:
 
 
 def _pass(graphdef, state, cache: KVCache, tokens, mask, offsets, seen, gather, *, width: int):
-    """The first `width` tokens of a chunk into the target's cache: `tokens`, `mask`, `offsets`
-    `[widest]` (positions after the cache's next one); `seen` `[widest, widest]`, which chunk
-    tokens each one attends to (None: a plain chain). Returns the target's greedy token after
-    each chunk token `[widest]` (-1 past `width`), its logits after the tokens at `gather`
-    `[slots]` (None: none) and the cache holding the whole chunk."""
+    """The first `width` tokens of each row's chunk into the target's cache: `tokens`, `mask`,
+    `offsets` `[rows, widest]` (positions after each row's next one); `seen` `[rows, widest,
+    widest]`, which chunk tokens each one attends to (None: plain chains). Returns the target's
+    greedy token after each chunk token `[rows, widest]` (-1 past `width`), its logits after
+    the tokens at `gather` `[rows, slots, vocab]` (None: none) and the cache holding the chunks."""
     model = merge(graphdef, state)
-    positions = jnp.where(mask[:width], cache.next_position + offsets[:width], 0)
+    positions = jnp.where(mask[:, :width], cache.next_position[:, None] + offsets[:, :width], 0)
     inputs = ModelInputs(
-        tokens[None, :width],
-        mask[None, :width],
-        jnp.broadcast_to(positions, (3, 1, width)).astype(jnp.int32),
+        tokens[:, :width],
+        mask[:, :width],
+        jnp.broadcast_to(positions[None], (3, *positions.shape)).astype(jnp.int32),
         None,
-        None if seen is None else seen[None, :width, :width],
+        None if seen is None else seen[:, :width, :width],
     )
     hidden, cache = model.hidden_states(inputs, cache)
-    logits = model.logits(hidden[0])
+    logits = model.logits(hidden)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    greedy = jnp.pad(greedy, (0, tokens.shape[0] - width), constant_values=-1)
-    return greedy, None if gather is None else logits[gather], cache
+    greedy = jnp.pad(greedy, ((0, 0), (0, tokens.shape[1] - width)), constant_values=-1)
+    picked = None if gather is None else jnp.take_along_axis(logits, gather[..., None], axis=1)
+    return greedy, picked, cache
 
 
 def _tree(chain, length, step_ends, n_steps, suffix, widest: int):
@@ -158,168 +161,124 @@ def _step_ends(tokens, in_step, stop, cap: int):
     return ends, run
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 8))
-def speculate(
-    t_graph,
-    t_state,
-    d_graph,
-    d_state,
-    t_cache: KVCache,
-    d_cache: KVCache,
-    t_logits,
-    d_logits,
-    spec: LoopSpec,
-    min_confidence,
-    alpha,
-    floor,
-):
-    """The whole chain of one request (batch 1). t_logits, d_logits: `[1, vocab]` after each
-    model's prompt; min_confidence, alpha, floor: traced scalars (`generate_steps`, the CPN
-    threshold and format floor; the last two unused without a judge).
+def _plan(pending, has_p, drafted, ends, k, *, spec: LoopSpec):
+    """One row's verification chunk: the pending token (if `has_p`), then the `k` drafted steps
+    `drafted [slots * max_step_tokens]` ending at `ends [slots]`, then (with a judge) a suffix
+    copy per step (`_tree`). Arrays `[widest]` unless named otherwise."""
+    widest, slots = spec.widths[-1], spec.slots
+    index = jnp.arange(widest)
+    n_drafted = jnp.max(ends)
+    length = n_drafted + has_p
+    # The chain: the pending token, then the drafted tokens; padding after it.
+    shifted = jnp.concatenate([pending[None], drafted])
+    plain = jnp.concatenate([drafted, jnp.full((1,), -1, jnp.int32)])
+    chain = jnp.pad(jnp.where(has_p, shifted, plain), (0, widest - spec.chain))
+    chain = jnp.where(index < length, chain, spec.pad_id)
+    real_step = jnp.arange(slots) < k
+    step_end = jnp.where(real_step, ends + has_p, length)  # chain length through step i
+    step_start = jnp.concatenate([has_p[None], step_end[:-1]])
+    plan = {
+        "chain": chain,
+        "length": length,
+        "n_drafted": n_drafted,
+        "has_p": has_p,
+        "k": k,
+        "real_step": real_step,
+        "step_end": step_end,
+        "step_start": step_start,
+    }
+    if spec.judge_suffix:
+        tokens, mask, offsets, seen, query = _tree(
+            chain, length, step_end, k, spec.judge_suffix, widest
+        )
+        size = length + k * len(spec.judge_suffix)
+    else:  # a plain chain, no queries
+        tokens, mask, offsets, seen, query = chain, index < length, index, None, None
+        size = length
+    chunk = {"tokens": tokens, "mask": mask, "offsets": offsets, "seen": seen, "query": query}
+    return plan, chunk, size
 
-    Returns a dict: `tokens [out_len]` (the first `n` real), `n`, the counters `passes`,
-    `proposed` (drafted steps), `accepted` (steps the judge accepted and were committed),
-    `format_misses`; per committed token `by_draft`, `unit_end` and `unit_p` (the CPN p of the
-    unit's draft step, NaN where none) `[out_len]`; per window the drafted step that was not
-    kept: `dropped [max_windows, max_step_tokens]` (its first `dropped_len` tokens real),
-    `dropped_p` and `dropped_at` (where in the chain the target's tokens replaced it).
-    """
-    d_model = merge(d_graph, d_state)
-    widths = spec.widths
-    widest = widths[-1]
-    judged = bool(spec.judge_suffix)
+
+def _commit(row, plan, greedy_after, verdict_logits, live, alpha, floor, *, spec: LoopSpec):
+    """One row's decisions on its verified window (module docstring), as the row's new state,
+    the chain tokens the target's cache keeps `m`, and the drafted tokens the draft's drops."""
+    widest, slots, cap = spec.widths[-1], spec.slots, spec.max_step_tokens
+    index = jnp.arange(widest)
     stop = jnp.asarray(spec.stop_ids + spec.eos_ids, jnp.int32)
     eos = jnp.asarray(spec.eos_ids, jnp.int32)
-    budget, cap, slots = spec.max_new_tokens, spec.max_step_tokens, spec.slots
-    key = jax.random.key(0)  # greedy: never drawn from
-    branches = [functools.partial(_pass, t_graph, t_state, width=w) for w in widths]
-    index = jnp.arange(widest)
+    chain, length, has_p, k = plan["chain"], plan["length"], plan["has_p"], plan["k"]
+    real_step, step_end, step_start = plan["real_step"], plan["step_end"], plan["step_start"]
+    if spec.judge_suffix:
+        v = cpn_verdicts(verdict_logits, spec.positive_ids, spec.negative_ids, alpha, floor)
+        ok, p, misses = v.accept, v.p, jnp.sum(~v.format_ok & real_step)
+    else:
+        ok, p, misses = jnp.zeros((slots,), bool), jnp.full((slots,), jnp.nan), 0
+    # The target's choice before each chain token: after the previous one, or for the first
+    # after the last window.
+    before = jnp.concatenate([row["t_next"][None], greedy_after[:-1]])
+    wrong = (index >= has_p) & (index < length) & (chain != before)
+    step_of = jnp.sum(real_step[None] & (step_end[None] <= index[:, None]), axis=1)
+    own = ~jnp.zeros((slots,), bool).at[jnp.where(wrong, step_of, slots)].set(True, mode="drop")
+    refused = real_step & ~(ok | own)
+    kept = jnp.where(jnp.any(refused), jnp.argmax(refused), k)  # steps committed whole
+    parted = kept < k
+    at_kept = jnp.minimum(kept, slots - 1)  # (indexes only what `parted` guards)
+    # chain[:m] is committed, then (if parted) the target's own token at m.
+    m = jnp.where(parted, jnp.argmax(wrong & (step_of == kept)), length)
+    mine = before[m]
+    committed = jnp.where(index < m, chain, mine)
+    new = m - has_p + parted
+    # Compact the kept tokens to the front (they are contiguous from has_p).
+    order = jnp.clip(index + has_p, 0, widest - 1)
+    real = index < new
+    kept_tokens = jnp.where(real, committed[order], spec.pad_id)
+    ends_here, run = _step_ends(kept_tokens, row["in_step"], stop, cap)
+    position = row["n"] + index  # of each kept token in the chain
+    budget = spec.max_new_tokens
+    finished = jnp.any(real & ends_here & ((position + 1 >= budget) | jnp.isin(kept_tokens, eos)))
+    # Records: a unit ends with each committed step and with the target's part.
+    step = step_of[order]  # the drafted step each kept token came from
+    at = jnp.where(real, position, spec.out_len)
+    unit_end = (order == step_end[jnp.minimum(step, slots - 1)] - 1) | (order == m)
+    by_draft = (step < kept) & ok[jnp.minimum(step, slots - 1)]
+    unit_p = jnp.where(step < kept, p[jnp.minimum(step, slots - 1)], jnp.nan)
+    rejected = jax.lax.dynamic_slice(chain, (step_start[at_kept],), (cap,))
+    rejected_len = jnp.where(parted, step_end[at_kept] - step_start[at_kept], 0)
+    last = jnp.maximum(new - 1, 0)
+    w = row["passes"]
+    window = jnp.where(live, w, spec.max_windows)  # a row not in play records nothing
+    new_row = {
+        "t_next": jnp.where(live, greedy_after[length - 1], row["t_next"]),
+        "tokens": row["tokens"].at[at].set(kept_tokens, mode="drop"),
+        "n": row["n"] + new,
+        "pending": jnp.where(live, jnp.where(parted, mine, -1), row["pending"]),
+        "in_step": jnp.where(live, jnp.where(ends_here[last], 0, run[last] % cap), row["in_step"]),
+        "done": row["done"] | (live & (finished | (w + 1 >= spec.max_windows))),
+        "passes": w + live,
+        "proposed": row["proposed"] + k,
+        "accepted": row["accepted"] + jnp.sum(ok & (jnp.arange(slots) < kept)),
+        "format_misses": row["format_misses"] + misses,
+        "by_draft": row["by_draft"].at[at].set(by_draft, mode="drop"),
+        "unit_end": row["unit_end"].at[at].set(unit_end, mode="drop"),
+        "unit_p": row["unit_p"].at[at].set(unit_p, mode="drop"),
+        "dropped": row["dropped"]
+        .at[window]
+        .set(jnp.where(jnp.arange(cap) < rejected_len, rejected, -1), mode="drop"),
+        "dropped_len": row["dropped_len"].at[window].set(rejected_len, mode="drop"),
+        "dropped_p": row["dropped_p"].at[window].set(p[at_kept], mode="drop"),
+        "dropped_at": row["dropped_at"]
+        .at[window]
+        .set(row["n"] + step_start[at_kept] - has_p, mode="drop"),
+    }
+    return new_row, m, plan["n_drafted"] - (m - has_p)
 
-    def cond(carry):
-        return ~carry["done"]
 
-    def body(c):
-        has_p = c["pending"] >= 0
-        # The draft takes the target's token that ended the last window (nothing if none).
-        d_cache, d_logits = c["d_cache"], c["d_logits"]
-        d_start = d_cache.length
-        fed, d_logits = feed_token(
-            d_model, jnp.maximum(c["pending"], 0)[None], has_p[None], d_cache, d_logits
-        )
-        d_cache = rollback(fed, d_start + has_p, fed.next_position)
-        drafted, ends, k, _, d_cache, d_after = generate_steps(
-            d_graph,
-            d_state,
-            d_logits,
-            d_cache,
-            key,
-            (budget - c["n"])[None],
-            slots,
-            cap,
-            GREEDY,
-            spec.stop_ids,
-            spec.eos_ids,
-            min_confidence,
-            spec.window + (c["in_step"] > 0),  # an open step does not count towards W
-            in_step=c["in_step"][None],
-            keep_marks=False,  # rollbacks here go to any token, from the verification
-        )
-        k, ends = k[0], ends[0]
-        n_drafted = jnp.max(ends)
-        length = n_drafted + has_p
-        # The chain: the pending token, then the drafted tokens; padding after it.
-        shifted = jnp.concatenate([c["pending"][None], drafted[0]])
-        plain = jnp.concatenate([drafted[0], jnp.full((1,), -1, jnp.int32)])
-        chain = jnp.pad(jnp.where(has_p, shifted, plain), (0, widest - spec.chain))
-        chain = jnp.where(index < length, chain, spec.pad_id)
-        real_step = jnp.arange(slots) < k
-        step_end = jnp.where(real_step, ends + has_p, length)  # chain length through step i
-        step_start = jnp.concatenate([has_p[None], step_end[:-1]])
-        if judged:
-            tokens, mask, offsets, seen, query = _tree(
-                chain, length, step_end, k, spec.judge_suffix, widest
-            )
-            size = length + k * len(spec.judge_suffix)
-        else:  # a plain chain, no queries
-            tokens, mask, offsets, seen, query = chain, index < length, index, None, None
-            size = length
-        bucket = jnp.sum(jnp.asarray(widths) < size)
-        greedy_after, verdict_logits, t_cache = jax.lax.switch(
-            bucket, branches, c["t_cache"], tokens, mask, offsets, seen, query
-        )
-        if judged:
-            v = cpn_verdicts(verdict_logits, spec.positive_ids, spec.negative_ids, alpha, floor)
-            ok, p, misses = v.accept, v.p, jnp.sum(~v.format_ok & real_step)
-        else:
-            ok, p, misses = jnp.zeros((slots,), bool), jnp.full((slots,), jnp.nan), 0
-        # The target's choice before each chain token: after the previous one, or for the first
-        # after the last window.
-        before = jnp.concatenate([c["t_next"][None], greedy_after[:-1]])
-        wrong = (index >= has_p) & (index < length) & (chain != before)
-        step_of = jnp.sum(real_step[None] & (step_end[None] <= index[:, None]), axis=1)
-        own = ~jnp.zeros((slots,), bool).at[jnp.where(wrong, step_of, slots)].set(True, mode="drop")
-        refused = real_step & ~(ok | own)
-        kept = jnp.where(jnp.any(refused), jnp.argmax(refused), k)  # steps committed whole
-        parted = kept < k
-        at_kept = jnp.minimum(kept, slots - 1)  # (indexes only what `parted` guards)
-        # chain[:m] is committed, then (if parted) the target's own token at m.
-        m = jnp.where(parted, jnp.argmax(wrong & (step_of == kept)), length)
-        mine = before[m]
-        committed = jnp.where(index < m, chain, mine)
-        new = m - has_p + parted
-        # Compact the kept tokens to the front (they are contiguous from has_p).
-        order = jnp.clip(index + has_p, 0, widest - 1)
-        real = index < new
-        kept_tokens = jnp.where(real, committed[order], spec.pad_id)
-        ends_here, run = _step_ends(kept_tokens, c["in_step"], stop, cap)
-        position = c["n"] + index  # of each kept token in the chain
-        done = jnp.any(real & ends_here & ((position + 1 >= budget) | jnp.isin(kept_tokens, eos)))
-        # Records: a unit ends with each committed step and with the target's part.
-        step = step_of[order]  # the drafted step each kept token came from
-        at = jnp.where(real, position, spec.out_len)
-        unit_end = (order == step_end[jnp.minimum(step, slots - 1)] - 1) | (order == m)
-        by_draft = (step < kept) & ok[jnp.minimum(step, slots - 1)]
-        unit_p = jnp.where(step < kept, p[jnp.minimum(step, slots - 1)], jnp.nan)
-        rejected = jax.lax.dynamic_slice(chain, (step_start[at_kept],), (cap,))
-        rejected_len = jnp.where(parted, step_end[at_kept] - step_start[at_kept], 0)
-        # Both caches back to the committed chain (the pending token is in neither yet).
-        t_cache = rollback(t_cache, c["t_cache"].length + m, c["t_cache"].next_position + m)
-        drop = n_drafted - (m - has_p)
-        d_cache = rollback(d_cache, d_cache.length - drop, d_cache.next_position - drop)
-        last = jnp.maximum(new - 1, 0)
-        w = c["passes"]
-        return {
-            "t_cache": t_cache,
-            "d_cache": d_cache,
-            "t_next": greedy_after[length - 1],  # read only when no token is pending
-            "d_logits": d_after,
-            "tokens": c["tokens"].at[at].set(kept_tokens, mode="drop"),
-            "n": c["n"] + new,
-            "pending": jnp.where(parted, mine, -1),
-            "in_step": jnp.where(ends_here[last], 0, run[last] % cap),
-            "done": done | (w + 1 >= spec.max_windows),
-            "passes": w + 1,
-            "proposed": c["proposed"] + k,
-            "accepted": c["accepted"] + jnp.sum(ok & (jnp.arange(slots) < kept)),
-            "format_misses": c["format_misses"] + misses,
-            "by_draft": c["by_draft"].at[at].set(by_draft, mode="drop"),
-            "unit_end": c["unit_end"].at[at].set(unit_end, mode="drop"),
-            "unit_p": c["unit_p"].at[at].set(unit_p, mode="drop"),
-            "dropped": c["dropped"]
-            .at[w]
-            .set(jnp.where(jnp.arange(cap) < rejected_len, rejected, -1)),
-            "dropped_len": c["dropped_len"].at[w].set(rejected_len),
-            "dropped_p": c["dropped_p"].at[w].set(p[at_kept]),
-            "dropped_at": c["dropped_at"].at[w].set(c["n"] + step_start[at_kept] - has_p),
-        }
-
-    zero = jnp.zeros((), jnp.int32)
-    out_len, windows = spec.out_len, spec.max_windows
-    carry = {
-        "t_cache": t_cache,
-        "d_cache": d_cache,
-        "t_next": jnp.argmax(t_logits[0]).astype(jnp.int32),
-        "d_logits": d_logits,
+def _fresh_row(t_logits, *, spec: LoopSpec) -> dict:
+    """A row's state before its first window, from the target's logits after its prompt
+    `[vocab]`."""
+    out_len, windows, zero = spec.out_len, spec.max_windows, jnp.zeros((), jnp.int32)
+    return {
+        "t_next": jnp.argmax(t_logits).astype(jnp.int32),
         "tokens": jnp.full((out_len,), -1, jnp.int32),
         "n": zero,
         "pending": jnp.full((), -1, jnp.int32),
@@ -337,6 +296,132 @@ def speculate(
         "dropped_p": jnp.full((windows,), jnp.nan, jnp.float32),
         "dropped_at": jnp.zeros((windows,), jnp.int32),
     }
-    c = jax.lax.while_loop(cond, body, carry)
-    internal = ("t_cache", "d_cache", "t_next", "d_logits", "pending", "in_step", "done")
-    return {name: value for name, value in c.items() if name not in internal}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def start_rows(spec: LoopSpec, t_cache: KVCache, d_cache: KVCache, t_logits, d_logits, active):
+    """The loop's state over a batch of rows: both models' caches and next-token logits
+    `[rows, vocab]` after each row's prompt, and which rows hold a request `active [rows]`."""
+    rows = jax.vmap(functools.partial(_fresh_row, spec=spec))(t_logits)
+    return {"t_cache": t_cache, "d_cache": d_cache, "d_logits": d_logits, "active": active, **rows}
+
+
+def _set_row(cache: KVCache, row, one: KVCache) -> KVCache:
+    return KVCache(
+        k=cache.k.at[:, row].set(one.k[:, 0]),
+        v=cache.v.at[:, row].set(one.v[:, 0]),
+        valid=cache.valid.at[row].set(one.valid[0]),
+        length=cache.length.at[row].set(one.length[0]),
+        next_position=cache.next_position.at[row].set(one.next_position[0]),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def admit(spec: LoopSpec, state: dict, row, t_cache: KVCache, d_cache: KVCache, t_logits, d_logits):
+    """`state` with a new request in `row` (a traced index): the one-row caches and logits
+    `[1, vocab]` after its prompt, and a fresh row state."""
+    fresh = _fresh_row(t_logits[0], spec=spec)
+    state = {
+        **state,
+        "t_cache": _set_row(state["t_cache"], row, t_cache),
+        "d_cache": _set_row(state["d_cache"], row, d_cache),
+        "d_logits": state["d_logits"].at[row].set(d_logits[0]),
+        "active": state["active"].at[row].set(True),
+    }
+    return {**state, **{name: state[name].at[row].set(value) for name, value in fresh.items()}}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 5), donate_argnums=4)
+def speculate(
+    t_graph,
+    t_state,
+    d_graph,
+    d_state,
+    state: dict,
+    spec: LoopSpec,
+    min_confidence,
+    alpha,
+    floor,
+):
+    """Windows over every row in play (`active` and not `done`) until one of them finishes its
+    chain, or none is left in play. `state` (`start_rows`, `admit`; donated) holds per row the
+    caches and, `[rows]` or `[rows, ...]`: `tokens [out_len]` (the first `n` real), `n`, the
+    counters `passes`, `proposed` (drafted steps), `accepted` (steps the judge accepted and
+    were committed), `format_misses`; per committed token `by_draft`, `unit_end` and `unit_p`
+    (the CPN p of the unit's draft step, NaN where none) `[out_len]`; per window the drafted
+    step that was not kept: `dropped [max_windows, max_step_tokens]` (its first `dropped_len`
+    tokens real), `dropped_p` and `dropped_at` (where in the chain the target's tokens
+    replaced it). min_confidence, alpha, floor: traced scalars (`generate_steps`, the CPN
+    threshold and format floor; the last two unused without a judge).
+
+    Rows do not wait for each other within a window beyond the batch's shapes: the draft's
+    step loop runs until every row's window is written, and the target's pass is as wide as
+    the widest row's chunk.
+    """
+    d_model = merge(d_graph, d_state)
+    widths = spec.widths
+    key = jax.random.key(0)  # greedy: never drawn from
+    branches = [functools.partial(_pass, t_graph, t_state, width=w) for w in widths]
+    plan_rows = jax.vmap(functools.partial(_plan, spec=spec))
+    commit_rows = jax.vmap(
+        functools.partial(_commit, spec=spec), in_axes=(0, 0, 0, 0, 0, None, None)
+    )
+    per_row = ("t_cache", "d_cache", "d_logits", "active")
+
+    def cond(c):
+        finished = jnp.any(c["active"] & c["done"])
+        return jnp.any(c["active"] & ~c["done"]) & ~finished
+
+    def body(c):
+        live = c["active"] & ~c["done"]
+        has_p = (c["pending"] >= 0) & live
+        # The draft takes the target's token that ended the last window (nothing if none).
+        d_cache, d_logits = c["d_cache"], c["d_logits"]
+        d_start = d_cache.length
+        fed, d_logits = feed_token(d_model, jnp.maximum(c["pending"], 0), has_p, d_cache, d_logits)
+        d_cache = rollback(fed, d_start + has_p, fed.next_position)
+        drafted, ends, k, _, d_cache, d_after = generate_steps(
+            d_graph,
+            d_state,
+            d_logits,
+            d_cache,
+            key,
+            jnp.where(live, spec.max_new_tokens - c["n"], 0),
+            spec.slots,
+            spec.max_step_tokens,
+            GREEDY,
+            spec.stop_ids,
+            spec.eos_ids,
+            min_confidence,
+            spec.window + (c["in_step"] > 0),  # an open step does not count towards W
+            in_step=c["in_step"],
+            keep_marks=False,  # rollbacks here go to any token, from the verification
+            active=live,
+        )
+        plan, chunk, size = plan_rows(c["pending"], has_p, drafted, ends, k)
+        bucket = jnp.sum(jnp.asarray(widths) < jnp.max(size))
+        greedy_after, verdict_logits, t_cache = jax.lax.switch(
+            bucket,
+            branches,
+            c["t_cache"],
+            chunk["tokens"],
+            chunk["mask"],
+            chunk["offsets"],
+            chunk["seen"],
+            chunk["query"],
+        )
+        rows = {name: value for name, value in c.items() if name not in per_row}
+        rows, m, drop = commit_rows(rows, plan, greedy_after, verdict_logits, live, alpha, floor)
+        # Both caches back to the committed chains (a pending token is in neither yet).
+        before = c["t_cache"]
+        t_cache = rollback(t_cache, before.length + m, before.next_position + m)
+        d_cache = rollback(d_cache, d_cache.length - drop, d_cache.next_position - drop)
+        return {
+            **rows,
+            "t_cache": t_cache,
+            "d_cache": d_cache,
+            "d_logits": d_after,
+            "active": c["active"],
+        }
+
+    return jax.lax.while_loop(cond, body, state)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dreamr_jax.speculative.batch import WindowLanes, solve_one
 from dreamr_jax.speculative.modes import register
 from dreamr_jax.speculative.records import Solution, StepRecord
 from dreamr_jax.speculative.runner import Session, select_rows
@@ -26,17 +27,20 @@ def _judge_room(engine: Engine) -> int:
     return engine.most_steps * len(engine.builder.judge_suffix_ids)
 
 
-@register("dreamr", room=_judge_room)
+def _lanes(engine: Engine) -> WindowLanes | None:
+    return WindowLanes(engine, judged=True) if engine.device_loop else None
+
+
+@register("dreamr", room=_judge_room, lanes=_lanes)
 def dreamr(engine: Engine, inputs, max_len: int) -> Solution:
-    t, d = engine.start(inputs, max_len)
     if engine.device_loop:
-        return engine.window_loop(t, d, judged=True)
-    return _host_loop(engine, t, d)
+        return solve_one(engine, inputs, max_len)
+    return _host_loop(engine, *engine.start(inputs, max_len))
 
 
 def _host_loop(engine: Engine, t: Session, d: Session) -> Solution:
     """dreamr window by window, a device call per draft window and per verification: every
-    fallback, and sampling. Greedy `resume` runs as one device loop instead (`Engine.window_loop`),
+    fallback, and sampling. Greedy `resume` runs as one device loop instead (`window_loop.py`),
     tested to take the same decisions."""
     sol = Solution([], [])
     eager = engine.spec.fallback == "eager"

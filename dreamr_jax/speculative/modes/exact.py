@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dreamr_jax.speculative.batch import WindowLanes, solve_one
 from dreamr_jax.speculative.modes import register
 from dreamr_jax.speculative.records import Solution
 
@@ -13,6 +14,6 @@ if TYPE_CHECKING:
     from dreamr_jax.speculative.engine import Engine
 
 
-@register("exact")
+@register("exact", lanes=lambda engine: WindowLanes(engine, judged=False))
 def exact(engine: Engine, inputs, max_len: int) -> Solution:
-    return engine.window_loop(*engine.start(inputs, max_len), judged=False)
+    return solve_one(engine, inputs, max_len)
