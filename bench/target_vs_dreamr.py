@@ -3,9 +3,10 @@ calibrated alpha), nothing else loaded: the same DigitMath test problems, the mo
 order problem by problem, in several passes back to back in one process. It shows the two methods
 side by side (a speedup of `exact` is not DREAM-R's) and how much each ratio moves with the
 machine between passes; the summary gives the median of the passes and their spread. `--modes`
-picks others: any mode, and `dreamr-host` (dreamr run by its host loop, the baseline of its
-device loop). `--sampled 0.7` adds `target@0.7` and `dreamr@0.7`, both sampling at that
-temperature (seeded: the same draws in every pass), the second timed against the first.
+picks others: any mode, `dreamr-host` (dreamr run by its host loop, the baseline of its
+device loop), and spec settings after a colon (`dreamr:schedule=fpsr:fallback=eager`).
+`--sampled 0.7` adds `target@0.7` and `dreamr@0.7`, both sampling at that temperature (seeded:
+the same draws in every pass), the second timed against the first.
 
     python bench/target_vs_dreamr.py [--problems 500] [--passes 3] [--modes target,exact,dreamr]
         [--sampled T] [--alpha A] [--target T] [--draft D] [--out docs/pair.json]
@@ -19,6 +20,7 @@ are wrong (`accepted_wrong`, by the step checker against the gold step at the sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -187,6 +189,19 @@ def summarize(passes: list[dict]) -> dict:
     return summary
 
 
+def engine_of(name: str, target, draft, alpha: float) -> Engine:
+    """The engine a `--modes` name stands for: a mode, `-host` for its host loop, then any
+    `:key=value` spec settings (`dreamr:schedule=fpsr:fallback=eager`)."""
+    mode, *settings = name.split(":")
+    spec = SpecConfig(mode=mode.removesuffix("-host"), alpha=alpha)
+    for setting in settings:
+        key, value = setting.split("=", 1)
+        kind = type(getattr(spec, key))
+        spec = dataclasses.replace(spec, **{key: kind(value)})
+    spec.validate()
+    return Engine(target, draft, spec, host_loop=mode.endswith("-host"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=int, default=500)
@@ -209,15 +224,7 @@ def main() -> None:
     prompt = PromptConfig()
     target = load_checkpoint(args.target, prompt)
     draft = load_checkpoint(args.draft, prompt)
-    engines = {
-        name: Engine(
-            target,
-            draft,
-            SpecConfig(mode=name.removesuffix("-host"), alpha=alpha),
-            host_loop=name.endswith("-host"),
-        )
-        for name in names
-    }
+    engines = {name: engine_of(name, target, draft, alpha) for name in names}
     if args.sampled is not None:
         for mode in ("target", "dreamr"):
             spec = SpecConfig(mode=mode, alpha=alpha, temperature=args.sampled)

@@ -45,10 +45,11 @@ def make_tiny_pair(root: str) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def load_near_target(target_path: str):
+def load_near_target(target_path: str, mesh=None):
     """The tiny target with noise on its lm_head: it agrees with the target on most tokens and
-    parts from it on some, so its windows run on long after a parting."""
-    near = load_checkpoint(target_path, PromptConfig())
+    parts from it on some, so its windows run on long after a parting. `mesh`: where its
+    weights go (`load_checkpoint`)."""
+    near = load_checkpoint(target_path, PromptConfig(), mesh=mesh)
     head = near.model.lm_head.kernel
     noise = np.random.default_rng(0).normal(size=head.get_value().shape).astype(np.float32)
     head.set_value(head.get_value() + 0.5 * float(np.std(head.get_value())) * noise)

@@ -475,6 +475,7 @@ class EvalConfig:
 DEFAULT_ALPHA = 0.7  # the paper's CPN threshold
 MODES = ("target", "draft", "sd", "specreason", "lookahead", "exact", "dreamr")
 FALLBACKS = ("lazy", "eager", "resume")
+SCHEDULES = ("window", "sequential", "fpsr")
 
 
 @dataclass(frozen=True)
@@ -494,6 +495,12 @@ class SpecConfig:
     # step's, the draft writing the rest (resume; sampling decodes the whole step as lazy does).
     # `exact` always resumes.
     fallback: str = "resume"
+    # exact, dreamr: when the draft works. window: the next W steps are drafted once this window
+    # is decided (greedy resume on shared devices: one device loop); sequential: one step at a
+    # time (SpecReason's); fpsr: the next window is drafted while the target checks this one, as
+    # if every step is kept, and dropped when one is not (the draft's and the target's work
+    # overlap where they have devices of their own, parallel.*)
+    schedule: str = "window"
     # exact, dreamr: a draft window ends after a step in which the draft drew a token with
     # probability below this (0 = always W steps): the steps after a doubtful one are likely
     # thrown away
@@ -511,6 +518,8 @@ class SpecConfig:
             _fail(f"{prefix}.temperature", "mode exact is greedy (sd samples losslessly)")
         if self.fallback not in FALLBACKS:
             _fail(f"{prefix}.fallback", f"{self.fallback!r} is not one of {FALLBACKS}")
+        if self.schedule not in SCHEDULES:
+            _fail(f"{prefix}.schedule", f"{self.schedule!r} is not one of {SCHEDULES}")
         if self.alpha is not None and not 0 <= self.alpha:
             _fail(f"{prefix}.alpha", f"must be >= 0, got {self.alpha}")
         if not 0 <= self.draft_confidence <= 1:
@@ -649,6 +658,26 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class ServeParallelConfig:
+    """Where serve.py puts the models: both on the first device (0, 0), or the draft on the
+    first `draft_devices` devices and the target on the next `target_devices`, its weights
+    sharded over them by the rule table (tensor parallel)."""
+
+    draft_devices: int = 0  # devices of the draft's submesh; 0: share the target's device
+    target_devices: int = 0  # devices of the target's submesh; 0: the first device alone
+
+    def validate(self, prefix: str = "parallel") -> None:
+        for key in ("draft_devices", "target_devices"):
+            if not 0 <= getattr(self, key) <= MAX_BATCH:
+                _fail(f"{prefix}.{key}", f"must be in [0, {MAX_BATCH:,}]")
+        if (self.draft_devices == 0) != (self.target_devices == 0):
+            _fail(
+                f"{prefix}.draft_devices",
+                "draft_devices and target_devices are both 0 (one device) or both set",
+            )
+
+
+@dataclass(frozen=True)
 class ServeDataConfig:
     """Input of serve.py: a JSONL file (DESIGN.md section 6), or "" for the DigitMath test split
     (`digitmath_problems` problems, generated next to the output)."""
@@ -678,6 +707,7 @@ class ServeConfig:
     data: ServeDataConfig = field(default_factory=ServeDataConfig)  # the input records
     spec: SpecConfig = field(default_factory=SpecConfig)  # the decoding mode and its knobs
     prompt: PromptConfig = field(default_factory=PromptConfig)  # chat and judge-query format
+    parallel: ServeParallelConfig = field(default_factory=ServeParallelConfig)  # devices
     # JSONL file the answers are appended to (summary: <output>.summary.json); a rerun answers only
     # the records it lacks
     output: str = "runs/serve/output.jsonl"
@@ -700,19 +730,23 @@ class ServeConfig:
         self.data.validate("data")
         self.spec.validate("spec")
         self.prompt.validate("prompt")
+        self.parallel.validate("parallel")
         if not self.output:
             _fail("output", "must name a JSONL file")
         if not 0 <= self.warmup <= MAX_WARMUP:
             _fail("warmup", f"must be in [0, {MAX_WARMUP}], got {self.warmup}")
         _check_size("batch_size", self.batch_size, MAX_BATCH, "requests in flight")
-        s = self.spec
-        device_loop = s.mode in ("target", "draft", "exact") or (
-            s.mode == "dreamr" and s.fallback == "resume" and s.temperature == 0
+        s, apart = self.spec, self.parallel.draft_devices > 0
+        window_loop = s.schedule == "window" and not apart
+        device_loop = s.mode in ("target", "draft") or (
+            window_loop
+            and (s.mode == "exact" or (s.mode == "dreamr" and s.fallback == "resume"))
+            and s.temperature == 0
         )
         if self.batch_size > 1 and not device_loop:
             _fail(
                 "batch_size",
-                f"{self.batch_size} needs a mode that runs as a device loop (target, draft, exact, "
-                f"or dreamr with spec.fallback=resume and spec.temperature=0); spec.mode="
-                f"{s.mode} answers one request at a time",
+                f"{self.batch_size} needs a mode that runs as a device loop (target, draft, or, "
+                "on shared devices with spec.schedule=window, exact or greedy dreamr with "
+                f"spec.fallback=resume); spec.mode={s.mode} here answers one request at a time",
             )

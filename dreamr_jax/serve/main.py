@@ -8,10 +8,12 @@ import os
 import sys
 
 import jax
+from jax.sharding import Mesh
 
 from dreamr_jax.config import ConfigError
 from dreamr_jax.config.schema import DEFAULT_ALPHA, ServeConfig
 from dreamr_jax.data import digitmath
+from dreamr_jax.parallel.mesh import make_mesh
 from dreamr_jax.serve.batch import serve
 from dreamr_jax.serve.checkpoints import (
     CALIBRATION_FILE,
@@ -81,11 +83,34 @@ def with_pair_alpha(cfg: ServeConfig) -> ServeConfig:
     return dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, alpha=alpha))
 
 
+def submeshes(cfg: ServeConfig) -> tuple[Mesh | None, Mesh | None]:
+    """The draft's and the target's meshes (`parallel.*`): disjoint, each tensor-parallel over
+    its devices; (None, None) puts both models on the first device."""
+    n_draft, n_target = cfg.parallel.draft_devices, cfg.parallel.target_devices
+    if not n_draft:
+        return None, None
+    devices = jax.devices()
+    if n_draft + n_target > len(devices):
+        raise ConfigError(
+            f"parallel.target_devices: {n_draft} + {n_target} devices asked for, "
+            f"{len(devices)} present"
+        )
+    return (
+        make_mesh(1, 1, -1, devices=devices[:n_draft]),
+        make_mesh(1, 1, -1, devices=devices[n_draft : n_draft + n_target]),
+    )
+
+
 def build_engine(cfg: ServeConfig) -> Engine:
-    target = load_checkpoint(cfg.target.path or DEFAULT_TARGET, cfg.prompt, dtype=cfg.target.dtype)
+    draft_mesh, target_mesh = submeshes(cfg)
+    target = load_checkpoint(
+        cfg.target.path or DEFAULT_TARGET, cfg.prompt, dtype=cfg.target.dtype, mesh=target_mesh
+    )
     draft = None
     if cfg.spec.mode != "target":
-        draft = load_checkpoint(cfg.draft.path or DEFAULT_DRAFT, cfg.prompt, dtype=cfg.draft.dtype)
+        draft = load_checkpoint(
+            cfg.draft.path or DEFAULT_DRAFT, cfg.prompt, dtype=cfg.draft.dtype, mesh=draft_mesh
+        )
     return Engine(target, draft, cfg.spec, seed=cfg.seed)
 
 
@@ -117,6 +142,7 @@ def run(cfg: ServeConfig) -> dict:
     """serve.py's run; raises ConfigError (bad paths), OutputInUseError (another run writes the
     output), MixedSettingsError, or ServeFailure (the process failed; the summary is written)."""
     check_paths(cfg)
+    submeshes(cfg)  # more devices than the machine has: a config error before any work
     cfg = with_pair_alpha(cfg)
     use_compilation_cache(cfg.compilation_cache)
     input_path = cfg.data.input or default_input(cfg)

@@ -52,8 +52,8 @@ def _mark(marks, i):
 class Engine:
     def __init__(self, target, draft, spec: SpecConfig, *, seed: int = 0, host_loop=False):
         """target, draft: `LoadedModel`s (draft may be None for mode `target`). `host_loop`:
-        run `dreamr` as the host loop also where the device loop applies (greedy, `resume`):
-        the reference the device loop is tested against, and its timing baseline."""
+        run `exact` and `dreamr` as the host loop also where the device loop applies (greedy,
+        `resume`): the reference the device loop is tested against, and its timing baseline."""
         if spec.alpha is None:  # no pair-specific alpha given: the paper's
             spec = dataclasses.replace(spec, alpha=DEFAULT_ALPHA)
         self.spec, self.seed, self.host_loop = spec, seed, host_loop
@@ -115,8 +115,10 @@ class Engine:
 
     @property
     def resumes(self) -> bool:
-        """Whether a rejection leaves the rest of the target's step to the draft (`resume`)."""
-        return self.spec.mode == "dreamr" and self.spec.fallback == "resume"
+        """Whether a rejection leaves the rest of the target's step to the draft (`resume`;
+        `exact` always)."""
+        s = self.spec
+        return s.mode == "exact" or (s.mode == "dreamr" and s.fallback == "resume")
 
     @property
     def most_steps(self) -> int:
@@ -209,12 +211,18 @@ class Engine:
         """Up to `limit` draft steps, in one device call, the first of which holds `in_step`
         committed tokens already (`generate_steps`). Returns (steps, marks `[1, limit + 1,
         vocab]`: the draft's logits before each step and after the last, session)."""
-        budget = self.spec.max_new_tokens - len(sol.tokens)
+        return self.draft.read_steps(self.dispatch_window(d, len(sol.tokens), limit, in_step))
+
+    def dispatch_window(self, d: Session, committed: int, limit: int, in_step: int = 0):
+        """`draft_window` after `committed` chain tokens, dispatched and not waited for
+        (`ModelRunner.read_steps` reads it)."""
+        budget = self.spec.max_new_tokens - committed
         # Keyed by the position the window starts at, so sampled steps get fresh randomness.
-        key = self.key(len(sol.tokens) + 7919)
-        # Only dreamr's windows end early on a doubtful step: the peers keep their schedules.
-        confidence = self.spec.draft_confidence if self.spec.mode == "dreamr" else None
-        return self.draft.steps(
+        key = self.key(committed + 7919)
+        # Only exact's and dreamr's windows end early on a doubtful step (as in their device
+        # loop): the peers keep their schedules.
+        confidence = self.spec.draft_confidence if self.spec.mode in ("dreamr", "exact") else None
+        return self.draft.dispatch_steps(
             d,
             key,
             budget,
@@ -265,6 +273,13 @@ class Engine:
         if new_step and new_step[-1] not in self.eos:
             _, d = self.draft.extend(d, [new_step], [[0]])
         return d
+
+    def undo_window(self, dispatched) -> Session:
+        """The draft's session from before a window it drafted ahead (`dispatch_window`) and
+        that is not used: the window's tokens dropped, the logits from before it."""
+        steps, marks, d = self.draft.read_steps(dispatched)
+        drop = sum(len(s) for s in steps)
+        return truncate(d, drop, _mark(marks, np.int32(0))) if drop else d
 
     def is_own_step(self, v: Verification, steps, j: int) -> bool:
         """Whether drafted step j is word for word the step the target would write there
@@ -325,14 +340,22 @@ class Engine:
         return self.mode.lanes(self) if self.mode.lanes else None
 
     @property
+    def apart(self) -> bool:
+        """Whether draft and target live on devices of their own (then no one program holds
+        both, and `exact` and `dreamr` run the host loop)."""
+        return self.draft is not None and self.draft.devices != self.target.devices
+
+    @property
     def device_loop(self) -> bool:
-        """Whether the mode runs as one device loop (`batch.py`): `target`, `draft`, `exact`, and
-        `dreamr` greedy with the `resume` fallback (unless `host_loop`)."""
+        """Whether the mode runs as one device loop (`batch.py`): `target`, `draft`, and with
+        the `window` schedule on shared devices `exact` and `dreamr` greedy with the `resume`
+        fallback (unless `host_loop`)."""
         s = self.spec
-        if s.mode in ("target", "draft", "exact"):
+        if s.mode in ("target", "draft"):
             return True
-        greedy_resume = self.resumes and self.sampling.greedy
-        return s.mode == "dreamr" and greedy_resume and not self.host_loop
+        if s.schedule != "window" or self.apart or self.host_loop:
+            return False
+        return s.mode == "exact" or (s.mode == "dreamr" and self.resumes and self.sampling.greedy)
 
     def device_records(self, r: dict, n: int) -> list[StepRecord]:
         """The host loop's step records, from what the device loop keeps of one row

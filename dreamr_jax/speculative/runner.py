@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dreamr_jax.models.generate import StaticGraph, merge, prefill
 from dreamr_jax.models.inputs import ModelInputs, prepare_inputs
@@ -455,6 +456,15 @@ class ModelRunner:
     def __post_init__(self):
         self.graphdef, self.state = StaticGraph.split(self.model)  # state: flat leaves
         self.config = self.model.config
+        sharding = self.state[0].sharding
+        self.devices = frozenset(sharding.device_set)
+        # A model placed on a mesh (a submesh of its own) keeps its caches there, replicated:
+        # a cache on another device could not meet the weights in one program.
+        self.cache_sharding = (
+            NamedSharding(sharding.mesh, PartitionSpec())
+            if isinstance(sharding, NamedSharding)
+            else None
+        )
 
     @classmethod
     def create(cls, model, tokenizer, delimiter: str) -> ModelRunner:
@@ -478,13 +488,14 @@ class ModelRunner:
 
     def start(self, inputs: ModelInputs, max_len: int) -> Session:
         """Prefill of a one-row prompt."""
-        cache = _new_cache(self.config.text, inputs.input_ids.shape[0], max_len, self.model.dtype)
+        cache = self.empty(inputs.input_ids.shape[0], max_len)
         logits, cache = prefill(self.graphdef, self.state, inputs, cache)
         return Session(cache, logits)
 
     def empty(self, rows: int, max_len: int) -> KVCache:
-        """An empty cache of `rows` rows."""
-        return _new_cache(self.config.text, rows, max_len, self.model.dtype)
+        """An empty cache of `rows` rows, on the model's devices."""
+        cache = _new_cache(self.config.text, rows, max_len, self.model.dtype)
+        return cache if self.cache_sharding is None else jax.device_put(cache, self.cache_sharding)
 
     def prompt_inputs(self, ids: Sequence[int], pixel_values, grid) -> ModelInputs:
         inputs, _ = prepare_inputs(self.config, np.asarray([ids]), None, pixel_values, grid)
@@ -521,6 +532,13 @@ class ModelRunner:
         return tokens, n, hit_eos, log_probs, Session(cache, logits)
 
     def steps(
+        self, session: Session, *args, **kwargs
+    ) -> tuple[list[list[int]], jax.Array, Session]:
+        """`dispatch_steps` and `read_steps`: the steps as token lists, the marks and the
+        session after the steps. Donates `session`."""
+        return self.read_steps(self.dispatch_steps(session, *args, **kwargs))
+
+    def dispatch_steps(
         self,
         session: Session,
         key,
@@ -531,13 +549,14 @@ class ModelRunner:
         min_confidence: float | None = None,
         keep_marks: bool = True,
         in_step: int = 0,
-    ) -> tuple[list[list[int]], jax.Array, Session]:
+    ) -> tuple:
         """Up to `max_steps` steps of a one-row session in one device call (`generate_steps`),
         stopping after EOS, once `budget` tokens are written or after a step with a token drawn
         at probability below `min_confidence`; the first step holds `in_step` tokens already
-        (`generate_steps`). Returns (the steps as token lists, marks `[1, max_steps + 1,
-        vocab]`: the logits before each step and after the last, or a placeholder without
-        `keep_marks`, the session after the steps). Donates `session`."""
+        (`generate_steps`). Dispatched and not waited for: returns the device arrays that
+        `read_steps` turns into (the steps as token lists, marks `[1, max_steps + 1, vocab]`:
+        the logits before each step and after the last, or a placeholder without `keep_marks`,
+        the session after the steps). Donates `session`."""
         tokens, ends, count, marks, cache, logits = generate_steps(
             self.graphdef,
             self.state,
@@ -554,11 +573,17 @@ class ModelRunner:
             in_step=np.full((session.batch,), in_step, np.int32),
             keep_marks=keep_marks,
         )
+        return tokens, ends, count, marks, Session(cache, logits)
+
+    @staticmethod
+    def read_steps(dispatched: tuple) -> tuple[list[list[int]], jax.Array, Session]:
+        """What `steps` returns, from `dispatch_steps`' arrays (waits for them)."""
+        tokens, ends, count, marks, session = dispatched
         tokens, ends, count = jax.device_get((tokens, ends, count))  # one host read
         tokens, ends = tokens[0], ends[0, : int(count[0])]
         starts = np.concatenate([[0], ends[:-1]]).astype(int)
         steps = [tokens[s:e].tolist() for s, e in zip(starts, ends, strict=True)]
-        return steps, marks, Session(cache, logits)
+        return steps, marks, session
 
     def verify_tree(
         self,
