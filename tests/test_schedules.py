@@ -32,6 +32,24 @@ def pair(paths):
 
 
 @pytest.fixture(scope="module")
+def near(paths):
+    """A draft that agrees with the target now and then (`load_near_target`)."""
+    return load_near_target(paths[0])
+
+
+@pytest.fixture(scope="module")
+def apart(paths):
+    """Of the 8 fake CPU devices: the target on devices 2-3, its weights sharded over them
+    (tensor parallel), and the draft (`near`'s weights) on devices 0-1."""
+    devices = jax.devices()
+    target = load_checkpoint(
+        paths[0], PromptConfig(), mesh=make_mesh(1, 1, -1, devices=devices[2:4])
+    )
+    draft = load_near_target(paths[0], mesh=make_mesh(1, 1, -1, devices=devices[:2]))
+    return target, draft
+
+
+@pytest.fixture(scope="module")
 def problems():
     return digitmath.generate_problems("test", 6, 0)
 
@@ -60,14 +78,14 @@ def _solve(engine: Engine, problems) -> list[tuple]:
     ],
     ids=["exact", "dreamr-resume", "dreamr-lazy", "dreamr-eager", "dreamr-sampled"],
 )
-def test_drafting_ahead_commits_what_the_synchronous_window_commits(paths, pair, problems, spec):
+def test_drafting_ahead_commits_what_the_synchronous_window_commits(pair, near, problems, spec):
     """`fpsr` drafts the next window before the verdicts on this one are read and drops it when
     a step is not kept; the draft at confidence 0 always writes W steps, so windows with every
     step kept and windows with a refused one both occur (for `exact`, which keeps only the
     target's own steps, with a draft that agrees with the target now and then, a step a
     window)."""
     spec = dataclasses.replace(SPEC, draft_confidence=0.0, **spec)
-    draft = load_near_target(paths[0]) if spec.mode == "exact" else pair[1]
+    draft = near if spec.mode == "exact" else pair[1]
     window = with_judge(Engine(pair[0], draft, spec, host_loop=True), MIXED)
     fpsr = with_judge(Engine(pair[0], draft, dataclasses.replace(spec, schedule="fpsr")), MIXED)
     assert not fpsr.device_loop
@@ -111,22 +129,16 @@ def test_the_sequential_schedule_drafts_one_step_at_a_time(pair, problems):
     ids=["target", "exact", "dreamr", "dreamr-fpsr-eager"],
 )
 def test_models_on_submeshes_of_their_own_commit_what_one_device_commits(
-    paths, pair, problems, spec
+    pair, near, apart, problems, spec
 ):
-    """Of the 8 fake CPU devices: the draft on 2, the target on 2 others with its weights
-    sharded over them (tensor parallel), against both on one device (`exact` and `dreamr` run
-    the device loop there and the host loop here)."""
+    """Draft and target on disjoint submeshes against both on one device (where `exact` and
+    `dreamr` run the device loop; apart, the host loop)."""
     devices = jax.devices()
-    draft_mesh = make_mesh(1, 1, -1, devices=devices[:2])
-    target_mesh = make_mesh(1, 1, -1, devices=devices[2:4])
-    target = load_checkpoint(paths[0], PromptConfig(), mesh=target_mesh)
-    # A draft that agrees with the target now and then, the same noise in both places.
-    draft = load_near_target(paths[0], mesh=draft_mesh)
     spec = dataclasses.replace(SPEC, **spec)
-    apart = with_judge(Engine(target, draft, spec), MIXED)
-    together = with_judge(Engine(pair[0], load_near_target(paths[0]), spec), MIXED)
-    assert apart.apart and not together.apart
-    sharded = [x for x in apart.target.state if not x.sharding.is_fully_replicated]
+    engine = with_judge(Engine(*apart, spec), MIXED)
+    together = with_judge(Engine(pair[0], near, spec), MIXED)
+    assert engine.apart and not together.apart
+    sharded = [x for x in engine.target.state if not x.sharding.is_fully_replicated]
     assert sharded and all(x.sharding.device_set == set(devices[2:4]) for x in sharded)
-    assert all(x.sharding.device_set == set(devices[:2]) for x in apart.draft.state)
-    assert _solve(apart, problems) == _solve(together, problems)
+    assert all(x.sharding.device_set == set(devices[:2]) for x in engine.draft.state)
+    assert _solve(engine, problems) == _solve(together, problems)
