@@ -74,7 +74,7 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows", [1, 8])
 def test_poison_records_get_errors_and_the_batch_goes_on(data_dir, models, tmp_path, rows):
     good = _records(data_dir / "test.jsonl")[:3]
     images = data_dir / "images"
