@@ -58,3 +58,15 @@ def rollback(cache: KVCache, length: jax.Array, next_position: jax.Array) -> KVC
         length=length.astype(jnp.int32),
         next_position=next_position.astype(jnp.int32),
     )
+
+
+def set_row(cache: KVCache, row, one: KVCache) -> KVCache:
+    """`cache` with row `row` (a traced index) replaced by the single row of `one` (same
+    max_len): a request prefilled alone, moved into a batch."""
+    return KVCache(
+        k=cache.k.at[:, row].set(one.k[:, 0]),
+        v=cache.v.at[:, row].set(one.v[:, 0]),
+        valid=cache.valid.at[row].set(one.valid[0]),
+        length=cache.length.at[row].set(one.length[0]),
+        next_position=cache.next_position.at[row].set(one.next_position[0]),
+    )

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dreamr_jax.models.generate import merge
-from dreamr_jax.models.kv_cache import KVCache
+from dreamr_jax.models.kv_cache import KVCache, set_row
 from dreamr_jax.models.sampling import Sampling, sample
 from dreamr_jax.speculative.runner import feed_token
 
@@ -59,15 +59,8 @@ def start_rows(spec: ChainSpec, cache: KVCache, logits, keys, active) -> dict:
 def admit(spec: ChainSpec, state: dict, row, cache: KVCache, logits, key) -> dict:
     """`state` with a new request in `row` (traced): its one-row cache and logits `[1, vocab]`
     after the prompt, and its key."""
-    c = state["cache"]
     return {
-        "cache": KVCache(
-            k=c.k.at[:, row].set(cache.k[:, 0]),
-            v=c.v.at[:, row].set(cache.v[:, 0]),
-            valid=c.valid.at[row].set(cache.valid[0]),
-            length=c.length.at[row].set(cache.length[0]),
-            next_position=c.next_position.at[row].set(cache.next_position[0]),
-        ),
+        "cache": set_row(state["cache"], row, cache),
         "logits": state["logits"].at[row].set(logits[0]),
         "key": state["key"].at[row].set(key),
         "active": state["active"].at[row].set(True),

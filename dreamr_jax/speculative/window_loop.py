@@ -54,7 +54,7 @@ import jax.numpy as jnp
 
 from dreamr_jax.models.generate import merge
 from dreamr_jax.models.inputs import ModelInputs
-from dreamr_jax.models.kv_cache import KVCache, rollback
+from dreamr_jax.models.kv_cache import KVCache, rollback, set_row
 from dreamr_jax.models.sampling import GREEDY
 from dreamr_jax.speculative.cpn import cpn_verdicts
 from dreamr_jax.speculative.runner import chunk_width, feed_token, generate_steps
@@ -306,16 +306,6 @@ def start_rows(spec: LoopSpec, t_cache: KVCache, d_cache: KVCache, t_logits, d_l
     return {"t_cache": t_cache, "d_cache": d_cache, "d_logits": d_logits, "active": active, **rows}
 
 
-def _set_row(cache: KVCache, row, one: KVCache) -> KVCache:
-    return KVCache(
-        k=cache.k.at[:, row].set(one.k[:, 0]),
-        v=cache.v.at[:, row].set(one.v[:, 0]),
-        valid=cache.valid.at[row].set(one.valid[0]),
-        length=cache.length.at[row].set(one.length[0]),
-        next_position=cache.next_position.at[row].set(one.next_position[0]),
-    )
-
-
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def admit(spec: LoopSpec, state: dict, row, t_cache: KVCache, d_cache: KVCache, t_logits, d_logits):
     """`state` with a new request in `row` (a traced index): the one-row caches and logits
@@ -323,8 +313,8 @@ def admit(spec: LoopSpec, state: dict, row, t_cache: KVCache, d_cache: KVCache, 
     fresh = _fresh_row(t_logits[0], spec=spec)
     state = {
         **state,
-        "t_cache": _set_row(state["t_cache"], row, t_cache),
-        "d_cache": _set_row(state["d_cache"], row, d_cache),
+        "t_cache": set_row(state["t_cache"], row, t_cache),
+        "d_cache": set_row(state["d_cache"], row, d_cache),
         "d_logits": state["d_logits"].at[row].set(d_logits[0]),
         "active": state["active"].at[row].set(True),
     }
