@@ -1,6 +1,6 @@
 """Continuous batching (`speculative/batch.py`) on the tiny random pair: requests answered in a
 batch of rows, refilled as rows finish, commit what they commit one at a time, in every
-device-loop mode; a host-loop mode refuses to batch."""
+device-loop mode (sd included); a host-loop mode refuses to batch."""
 
 from __future__ import annotations
 
@@ -63,10 +63,11 @@ def _chain(sol) -> tuple:
         ("draft", {"mode": "draft"}),
         ("draft", {"mode": "exact"}),
         ("near-target", {"mode": "exact"}),
+        ("near-target", {"mode": "sd"}),
         ("near-target", {"mode": "dreamr", "alpha": 0.5}),
         ("draft", {"mode": "dreamr", "alpha": 0.5, "draft_confidence": 0.0}),
     ],
-    ids=["target", "draft", "exact", "exact-near", "dreamr-near-0.5", "dreamr-0.5"],
+    ids=["target", "draft", "exact", "exact-near", "sd-near", "dreamr-near-0.5", "dreamr-0.5"],
 )
 def test_a_batch_commits_what_one_request_at_a_time_commits(
     pair, near_target, problems, draft, spec
@@ -91,5 +92,5 @@ def test_a_batch_commits_what_one_request_at_a_time_commits(
 
 def test_a_host_loop_mode_refuses_to_batch(pair):
     engine = Engine(*pair, dataclasses.replace(SPEC, mode="dreamr", fallback="lazy"))
-    with pytest.raises(ValueError, match="host loop.*dreamr greedy with fallback resume"):
+    with pytest.raises(ValueError, match="host loop.*device-loop mode"):
         RowBatch(engine, 4)

@@ -98,6 +98,30 @@ def test_device_loop_ends_the_chain_where_the_target_does(pair, problems, near_t
         assert any(len(w) > budget for w in want)  # some chains end past the budget
 
 
+def test_sd_device_loop_is_the_host_loops_sd(pair, problems, near_target):
+    """Greedy sd as one device loop (`sd_loop.py`) against its host loop (`modes/sd.py`): the
+    target's chain token for token, also where the budget falls inside a step (a round that
+    goes past the chain's end keeps only what comes before it), and the same counters, with a
+    draft that agrees with the target on some tokens and not on others."""
+    for budget in (40, 21):
+        spec = dataclasses.replace(SPEC, max_new_tokens=budget, mode="sd")
+        alone = Engine(pair[0], None, dataclasses.replace(spec, mode="target"))
+        device = Engine(pair[0], near_target, spec)
+        host = Engine(pair[0], near_target, spec, host_loop=True)
+        assert device.device_loop and not host.device_loop
+        accepted = proposed = 0
+        for p in problems[:4]:
+            want = alone.solve(p.question, [problem_image(p)]).tokens
+            got = device.solve(p.question, [problem_image(p)])
+            ref = host.solve(p.question, [problem_image(p)])
+            assert got.tokens == ref.tokens == want
+            counters = (ref.proposed, ref.accepted, ref.target_calls)
+            assert (got.proposed, got.accepted, got.target_calls) == counters
+            assert _records(got) == _records(ref)
+            accepted, proposed = accepted + got.accepted, proposed + got.proposed
+        assert 0 < accepted < proposed  # the draft's tokens were kept and refused
+
+
 @pytest.mark.parametrize(
     "mode", ["dreamr", "dreamr-resume", "exact", "specreason", "lookahead", "draft"]
 )

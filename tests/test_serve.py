@@ -335,7 +335,7 @@ def test_killed_run_resumes_every_id_exactly_once(data_dir, models, tmp_path, ro
         ("output={tmp}", "output"),
         ("output={file}/out.jsonl", "output"),  # its folder is a file
         ("batch_size=0", "batch_size"),
-        ("batch_size=4 spec.mode=sd", "batch_size"),  # a host-loop mode: one at a time
+        ("batch_size=4 spec.mode=specreason", "batch_size"),  # a host loop: one at a time
         ("batch_size=4 spec.schedule=fpsr", "batch_size"),
         ("parallel.draft_devices=2", "parallel.draft_devices"),  # target_devices unset
         ("parallel.draft_devices=8 parallel.target_devices=8", "parallel.target_devices"),

@@ -547,6 +547,24 @@ class SpecConfig:
         if self.temperature < 0:
             _fail(f"{prefix}.temperature", f"must be >= 0, got {self.temperature}")
 
+    def runs_on_device(self, one_program: bool) -> bool:
+        """Whether the mode runs as one device loop over a batch of rows (continuous batching;
+        everything else is a host loop, one request at a time): `target` and `draft` always;
+        where draft and target can run in one program (`one_program`: on shared devices, and no
+        host loop asked for), greedy `sd`, and with the `window` schedule `exact` and greedy
+        `dreamr` with the `resume` fallback. The engine and serve.py's config check both ask
+        this."""
+        if self.mode in ("target", "draft"):
+            return True
+        if not one_program or self.temperature > 0:
+            return False
+        if self.mode == "sd":
+            return True
+        window = self.schedule == "window"
+        return window and (
+            self.mode == "exact" or (self.mode == "dreamr" and self.fallback == "resume")
+        )
+
 
 STAGES = ("sft", "sapo")
 # SAPO's registered parts (dreamr_jax.rl.registry; the stage checks the names at start-up)
@@ -713,8 +731,8 @@ class ServeConfig:
     output: str = "runs/serve/output.jsonl"
     seed: int = 0  # seed of the random draws of sampling (spec.temperature > 0)
     # Requests in flight at once (continuous batching: a finished one is replaced at once). Above
-    # 1 the mode must run as a device loop: target, draft, exact, or greedy dreamr with fallback
-    # resume
+    # 1 the mode must run as a device loop: target, draft, greedy sd, exact, or greedy dreamr with
+    # fallback resume
     batch_size: int = 1
     warmup: int = 2  # problems solved (and discarded) first, so compilation is not timed
     # Compiled programs persist here across runs (empty = off): a second `python serve.py`
@@ -736,17 +754,12 @@ class ServeConfig:
         if not 0 <= self.warmup <= MAX_WARMUP:
             _fail("warmup", f"must be in [0, {MAX_WARMUP}], got {self.warmup}")
         _check_size("batch_size", self.batch_size, MAX_BATCH, "requests in flight")
-        s, apart = self.spec, self.parallel.draft_devices > 0
-        window_loop = s.schedule == "window" and not apart
-        device_loop = s.mode in ("target", "draft") or (
-            window_loop
-            and (s.mode == "exact" or (s.mode == "dreamr" and s.fallback == "resume"))
-            and s.temperature == 0
-        )
-        if self.batch_size > 1 and not device_loop:
+        apart = self.parallel.draft_devices > 0
+        if self.batch_size > 1 and not self.spec.runs_on_device(one_program=not apart):
             _fail(
                 "batch_size",
                 f"{self.batch_size} needs a mode that runs as a device loop (target, draft, or, "
-                "on shared devices with spec.schedule=window, exact or greedy dreamr with "
-                f"spec.fallback=resume); spec.mode={s.mode} here answers one request at a time",
+                "on shared devices, greedy sd, and with spec.schedule=window exact or greedy "
+                f"dreamr with spec.fallback=resume); spec.mode={self.spec.mode} here answers one "
+                "request at a time",
             )

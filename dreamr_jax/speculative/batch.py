@@ -3,9 +3,10 @@ with its own history, a finished row refilled with the next request at once.
 
 A mode that runs as a device loop files a `Lanes` for it (`modes.register(..., lanes=...)`):
 `ChainLanes` for one model alone (`chain_loop.py`), `WindowLanes` for `exact` and greedy
-`dreamr` with `resume` (`window_loop.py`). `RowBatch` drives either: it prefills a request alone
-(its prompt and images have their own shapes) and copies its caches into a free row, runs the
-loop until some row finishes, and hands back the finished rows' solutions. The shapes are fixed
+`dreamr` with `resume` (`window_loop.py`), `SdLanes` for greedy `sd` (`sd_loop.py`). `RowBatch`
+drives any of them: it prefills a request alone (its prompt and images have their own shapes)
+and copies its caches into a free row, runs the loop until some row finishes, and hands back the
+finished rows' solutions. The shapes are fixed
 by the row count and the cache length, so nothing recompiles per request; a request that needs
 a longer cache than the batch has grows every row's cache once.
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamr_jax.models.kv_cache import KVCache
-from dreamr_jax.speculative import chain_loop, window_loop
+from dreamr_jax.speculative import chain_loop, sd_loop, window_loop
 from dreamr_jax.speculative.records import Solution
 from dreamr_jax.speculative.runner import ModelRunner, Session
 
@@ -108,8 +109,41 @@ class ChainLanes:
         return sol
 
 
-class WindowLanes:
+class _PairLanes:
+    """What the loops of draft and target together share: both prefilled, both caches per row.
+    A subclass sets `loop` (the module: `start_rows`, `admit`) and `spec`, and runs it."""
+
+    loop = None
+
+    def prefill(self, inputs, max_len: int) -> tuple[Session, Session]:
+        return self.engine.start(inputs, max_len)
+
+    def start(self, sessions, active) -> dict:
+        t, d = sessions
+        return self.loop.start_rows(self.spec, t.cache, d.cache, t.logits, d.logits, active)
+
+    def empty(self, rows: int, max_len: int) -> tuple[Session, Session]:
+        e = self.engine
+        return _empty_session(e.target, rows, max_len), _empty_session(e.draft, rows, max_len)
+
+    def admit(self, state: dict, row: int, sessions) -> dict:
+        t, d = sessions
+        return self.loop.admit(
+            self.spec, state, np.int32(row), t.cache, d.cache, t.logits, d.logits
+        )
+
+    def grow(self, state: dict, max_len: int) -> dict:
+        return {
+            **state,
+            "t_cache": _grow_cache(state["t_cache"], max_len),
+            "d_cache": _grow_cache(state["d_cache"], max_len),
+        }
+
+
+class WindowLanes(_PairLanes):
     """`exact` (no judge) and greedy `dreamr` with `resume` (`window_loop.py`)."""
+
+    loop = window_loop
 
     def __init__(self, engine: Engine, judged: bool):
         self.engine = engine
@@ -130,35 +164,11 @@ class WindowLanes:
             np.float32(s.format_floor),
         )
 
-    def prefill(self, inputs, max_len: int) -> tuple[Session, Session]:
-        return self.engine.start(inputs, max_len)
-
-    def start(self, sessions, active) -> dict:
-        t, d = sessions
-        return window_loop.start_rows(self.spec, t.cache, d.cache, t.logits, d.logits, active)
-
-    def empty(self, rows: int, max_len: int) -> tuple[Session, Session]:
-        e = self.engine
-        return _empty_session(e.target, rows, max_len), _empty_session(e.draft, rows, max_len)
-
-    def admit(self, state: dict, row: int, sessions) -> dict:
-        t, d = sessions
-        return window_loop.admit(
-            self.spec, state, np.int32(row), t.cache, d.cache, t.logits, d.logits
-        )
-
     def run(self, state: dict) -> dict:
         t, d = self.engine.target, self.engine.draft
         return window_loop.speculate(
             t.graphdef, t.state, d.graphdef, d.state, state, self.spec, *self.knobs
         )
-
-    def grow(self, state: dict, max_len: int) -> dict:
-        return {
-            **state,
-            "t_cache": _grow_cache(state["t_cache"], max_len),
-            "d_cache": _grow_cache(state["d_cache"], max_len),
-        }
 
     def solution(self, r: dict, row: int) -> Solution:
         n = int(r["n"][row])
@@ -170,6 +180,33 @@ class WindowLanes:
             accepted=int(mine["accepted"]),
             target_calls=int(mine["passes"]),
             format_misses=int(mine["format_misses"]),
+        )
+
+
+class SdLanes(_PairLanes):
+    """`sd` greedy (`sd_loop.py`)."""
+
+    loop = sd_loop
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        s, t = engine.spec, engine.target
+        self.spec = sd_loop.SdSpec(
+            s.sd_tokens, s.max_step_tokens, s.max_new_tokens, t.stop_ids, t.eos_ids, t.pad_id
+        )
+
+    def run(self, state: dict) -> dict:
+        t, d = self.engine.target, self.engine.draft
+        return sd_loop.speculate_tokens(t.graphdef, t.state, d.graphdef, d.state, state, self.spec)
+
+    def solution(self, r: dict, row: int) -> Solution:
+        tokens = r["tokens"][row, : int(r["n"][row])].tolist()
+        return Solution(
+            tokens,
+            self.engine.split_steps(tokens),
+            proposed=int(r["proposed"][row]),
+            accepted=int(r["accepted"][row]),
+            target_calls=int(r["passes"][row]),
         )
 
 
@@ -202,8 +239,7 @@ class RowBatch:
         if lanes is None:
             raise ValueError(
                 f"spec.mode={engine.spec.mode!r} runs as a host loop and answers one request at "
-                "a time; batching needs a device-loop mode: target, draft, exact, or dreamr "
-                "greedy with fallback resume"
+                "a time; batching needs a device-loop mode (`SpecConfig.runs_on_device`)"
             )
         self.engine, self.lanes, self.rows = engine, lanes, rows
         self.flight: list[_InFlight | None] = [None] * rows

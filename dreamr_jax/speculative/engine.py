@@ -3,12 +3,13 @@ section 2): prompts and sessions, draft windows, tree-shaped verification and CP
 the target taking over a step, rollback, and the records of the device loops. The
 modes themselves are one module each under `modes/`, looked up by `spec.mode`.
 
-A mode answers one request (images + question) at a time through `Engine.solve`; the modes that
-run as one device loop (`target`, `draft`, `exact`, greedy `dreamr` with `resume`) also answer
-many at once, each request in a row of its own (`batch.py`). Inside a request the parallelism
-comes from batching too: CPN verifies the W drafted steps of a window as W branches of one
-forward pass, and eager fallback / Lookahead generate the target's steps for all W positions as
-one batched step loop. Device work is dispatched before the host reads any verdict.
+A mode answers one request (images + question) at a time through `Engine.solve`; the modes
+that run as one device loop (`target`, `draft`, greedy `sd`, `exact`, greedy `dreamr` with
+`resume`) also answer many at once, each request in a row of its own (`batch.py`). Inside a
+request the parallelism comes from batching too: CPN verifies the W drafted steps of a window
+as W branches of one forward pass, and eager fallback / Lookahead generate the target's steps
+for all W positions as one batched step loop. Device work is dispatched before the host reads
+any verdict.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def _mark(marks, i):
 class Engine:
     def __init__(self, target, draft, spec: SpecConfig, *, seed: int = 0, host_loop=False):
         """target, draft: `LoadedModel`s (draft may be None for mode `target`). `host_loop`:
-        run `exact` and `dreamr` as the host loop also where the device loop applies (greedy,
-        `resume`): the reference the device loop is tested against, and its timing baseline."""
+        run `sd`, `exact` and `dreamr` as the host loop also where the device loop applies
+        (greedy, `resume`): the reference the device loop is tested against, and its timing
+        baseline."""
         if spec.alpha is None:  # no pair-specific alpha given: the paper's
             spec = dataclasses.replace(spec, alpha=DEFAULT_ALPHA)
         self.spec, self.seed, self.host_loop = spec, seed, host_loop
@@ -117,8 +119,7 @@ class Engine:
     def resumes(self) -> bool:
         """Whether a rejection leaves the rest of the target's step to the draft (`resume`;
         `exact` always)."""
-        s = self.spec
-        return s.mode == "exact" or (s.mode == "dreamr" and s.fallback == "resume")
+        return self.mode.resumes(self.spec)
 
     @property
     def most_steps(self) -> int:
@@ -155,7 +156,7 @@ class Engine:
         or W rows for eager), and the draft taking a committed step of every padded length and
         dropping rejected steps."""
         self.solve(question, images)
-        if self.spec.mode not in ("dreamr", "lookahead", "specreason") or self.device_loop:
+        if not self.mode.warms_host_loop or self.device_loop:
             return
         ids, inputs = self.prompt(question, images)
         max_len = self.max_len(len(ids))
@@ -196,6 +197,19 @@ class Engine:
     def done(self, tokens: list[int]) -> bool:
         return bool(tokens) and (tokens[-1] in self.eos or len(tokens) >= self.spec.max_new_tokens)
 
+    def chain_end(self, tokens: list[int]) -> int | None:
+        """How many of `tokens` the chain keeps if it ends among them, where the target alone
+        ends it (`chain_loop.py`): at the first step end at or past `max_new_tokens`, or at
+        EOS; None if it goes on."""
+        stops, run = set(self.target.stop_ids) | self.eos, 0
+        for i, token in enumerate(tokens):
+            run += 1
+            if token in stops or run >= self.spec.max_step_tokens:
+                if token in self.eos or i + 1 >= self.spec.max_new_tokens:
+                    return i + 1
+                run = 0
+        return None
+
     def open_step(self, tokens: list[int]) -> int:
         """Tokens of the chain's last step if it is not finished: since the last stop token,
         less the whole steps the cap cut there (as `generate_steps` cuts)."""
@@ -219,9 +233,8 @@ class Engine:
         budget = self.spec.max_new_tokens - committed
         # Keyed by the position the window starts at, so sampled steps get fresh randomness.
         key = self.key(committed + 7919)
-        # Only exact's and dreamr's windows end early on a doubtful step (as in their device
-        # loop): the peers keep their schedules.
-        confidence = self.spec.draft_confidence if self.spec.mode in ("dreamr", "exact") else None
+        # The peers keep their schedules: only exact's and dreamr's windows end early.
+        confidence = self.spec.draft_confidence if self.mode.stops_on_doubt else None
         return self.draft.dispatch_steps(
             d,
             key,
@@ -347,15 +360,9 @@ class Engine:
 
     @property
     def device_loop(self) -> bool:
-        """Whether the mode runs as one device loop (`batch.py`): `target`, `draft`, and with
-        the `window` schedule on shared devices `exact` and `dreamr` greedy with the `resume`
-        fallback (unless `host_loop`)."""
-        s = self.spec
-        if s.mode in ("target", "draft"):
-            return True
-        if s.schedule != "window" or self.apart or self.host_loop:
-            return False
-        return s.mode == "exact" or (s.mode == "dreamr" and self.resumes and self.sampling.greedy)
+        """Whether the mode runs as one device loop (`batch.py`; `SpecConfig.runs_on_device`):
+        not where draft and target live on devices of their own, nor under `host_loop`."""
+        return self.spec.runs_on_device(one_program=not (self.apart or self.host_loop))
 
     def device_records(self, r: dict, n: int) -> list[StepRecord]:
         """The host loop's step records, from what the device loop keeps of one row

@@ -101,7 +101,9 @@ class LoopSpec:
         return self.max_new_tokens + self.max_step_tokens
 
 
-def _pass(graphdef, state, cache: KVCache, tokens, mask, offsets, seen, gather, *, width: int):
+def target_pass(
+    graphdef, state, cache: KVCache, tokens, mask, offsets, seen, gather, *, width: int
+):
     """The first `width` tokens of each row's chunk into the target's cache: `tokens`, `mask`,
     `offsets` `[rows, widest]` (positions after each row's next one); `seen` `[rows, widest,
     widest]`, which chunk tokens each one attends to (None: plain chains). Returns the target's
@@ -147,7 +149,7 @@ def _tree(chain, length, step_ends, n_steps, suffix, widest: int):
     return tokens, in_chain | in_copy, offsets, seen, length + (jnp.arange(slots) + 1) * m - 1
 
 
-def _step_ends(tokens, in_step, stop, cap: int):
+def step_boundaries(tokens, in_step, stop, cap: int):
     """Where the steps of a run of committed tokens `[n]` end (a stop token, or `cap` tokens since
     the last end), given `in_step` tokens of the current step before them; and the count after
     them. Matches `generate_steps`, so the chain is cut where the target alone cuts it."""
@@ -232,7 +234,7 @@ def _commit(row, plan, greedy_after, verdict_logits, live, alpha, floor, *, spec
     order = jnp.clip(index + has_p, 0, widest - 1)
     real = index < new
     kept_tokens = jnp.where(real, committed[order], spec.pad_id)
-    ends_here, run = _step_ends(kept_tokens, row["in_step"], stop, cap)
+    ends_here, run = step_boundaries(kept_tokens, row["in_step"], stop, cap)
     position = row["n"] + index  # of each kept token in the chain
     budget = spec.max_new_tokens
     finished = jnp.any(real & ends_here & ((position + 1 >= budget) | jnp.isin(kept_tokens, eos)))
@@ -351,7 +353,7 @@ def speculate(
     d_model = merge(d_graph, d_state)
     widths = spec.widths
     key = jax.random.key(0)  # greedy: never drawn from
-    branches = [functools.partial(_pass, t_graph, t_state, width=w) for w in widths]
+    branches = [functools.partial(target_pass, t_graph, t_state, width=w) for w in widths]
     plan_rows = jax.vmap(functools.partial(_plan, spec=spec))
     commit_rows = jax.vmap(
         functools.partial(_commit, spec=spec), in_axes=(0, 0, 0, 0, 0, None, None)

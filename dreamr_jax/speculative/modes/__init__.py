@@ -2,9 +2,9 @@
 
 A mode is a function `(engine, inputs, max_len) -> Solution` that answers one prompt with the
 engine's models and shared pieces (`Engine`: sessions, drafting, verification, commit and
-rollback), the cache slots it needs past the chain (`room`), and, where it runs as a device
-loop, the lanes that batch its requests (`lanes`, `batch.py`). `Engine` looks the mode up by
-`spec.mode`; importing this package files every mode.
+rollback), with the traits the engine asks of it (`Mode`): the cache slots it needs past the
+chain, and, where it runs as a device loop, the lanes that batch its requests (`batch.py`).
+`Engine` looks the mode up by `spec.mode`; importing this package files every mode.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from dreamr_jax.config.schema import SpecConfig
     from dreamr_jax.speculative.engine import Engine
     from dreamr_jax.speculative.records import Solution
 
@@ -23,27 +24,30 @@ class Mode:
     """run: `(engine, inputs, max_len) -> Solution`; room: `engine -> int`, the cache slots the
     mode writes after the chain (judge suffixes, bonus steps, proposals); lanes: `engine ->
     Lanes | None`, the mode's device loop over a batch of rows (None: a host loop, one request
-    at a time)."""
+    at a time); resumes: `spec -> bool`, whether a rejection leaves the rest of the target's
+    step to the draft; stops_on_doubt: whether a draft window ends after a doubtful step
+    (`spec.draft_confidence`); warms_host_loop: whether `Engine.warm_up` compiles the host
+    loop's verification and fallback programs, which one solve may not reach."""
 
     run: Callable[[Engine, object, int], Solution]
-    room: Callable[[Engine], int]
+    room: Callable[[Engine], int] = lambda engine: 0
     lanes: Callable[[Engine], object] | None = None
+    resumes: Callable[[SpecConfig], bool] = lambda spec: False
+    stops_on_doubt: bool = False
+    warms_host_loop: bool = False
 
 
 _modes: dict[str, Mode] = {}
 
 
-def register(
-    name: str,
-    room: Callable[[Engine], int] = lambda engine: 0,
-    lanes: Callable[[Engine], object] | None = None,
-):
-    """Decorator: file a mode's run function under `name` (a second one is an error)."""
+def register(name: str, **traits):
+    """Decorator: file a mode's run function under `name` with its `Mode` traits (a second one
+    is an error)."""
 
     def file_under_name(run):
         if name in _modes:
             raise ValueError(f"mode {name!r} is already registered (by {_modes[name].run})")
-        _modes[name] = Mode(run, room, lanes)
+        _modes[name] = Mode(run, **traits)
         return run
 
     return file_under_name

@@ -30,7 +30,14 @@ def _lanes(engine: Engine) -> WindowLanes | None:
     return WindowLanes(engine, judged=True) if engine.device_loop else None
 
 
-@register("dreamr", room=_judge_room, lanes=_lanes)
+@register(
+    "dreamr",
+    room=_judge_room,
+    lanes=_lanes,
+    resumes=lambda spec: spec.fallback == "resume",
+    stops_on_doubt=True,
+    warms_host_loop=True,
+)
 def dreamr(engine: Engine, inputs, max_len: int) -> Solution:
     if engine.device_loop:
         return solve_one(engine, inputs, max_len)

@@ -21,7 +21,7 @@ def _lanes(engine: Engine) -> WindowLanes | None:
     return WindowLanes(engine, judged=False) if engine.device_loop else None
 
 
-@register("exact", lanes=_lanes)
+@register("exact", lanes=_lanes, resumes=lambda spec: True, stops_on_doubt=True)
 def exact(engine: Engine, inputs, max_len: int) -> Solution:
     if engine.device_loop:
         return solve_one(engine, inputs, max_len)

@@ -21,7 +21,7 @@ def _window_room(engine: Engine) -> int:
     return s.window * len(engine.builder.judge_suffix_ids) + s.max_step_tokens
 
 
-@register("lookahead", room=_window_room)
+@register("lookahead", room=_window_room, warms_host_loop=True)
 def lookahead(engine: Engine, inputs, max_len: int) -> Solution:
     t, d = engine.start(inputs, max_len)
     sol = Solution([], [])

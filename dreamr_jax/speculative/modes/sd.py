@@ -1,6 +1,8 @@
 """`sd`: token-level speculative decoding, the peer that is lossless by construction. Greedy:
 accept while the target's argmax agrees; sampling: Leviathan et al.'s acceptance min(1, p/q) with
-the residual distribution. A host loop with `spec.sd_tokens` tokens a proposal."""
+the residual distribution; `spec.sd_tokens` tokens a proposal. Greedy, on devices the two models
+share, it runs as one device loop over a batch of rows (`sd_loop.py`), as the other modes' loops
+do; sampling, or draft and target on devices of their own, run the host loop below."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamr_jax.models.sampling import Sampling, filter_logits
+from dreamr_jax.speculative.batch import SdLanes, solve_one
 from dreamr_jax.speculative.modes import register
 from dreamr_jax.speculative.records import Solution
 from dreamr_jax.speculative.runner import truncate
@@ -68,13 +71,19 @@ def _proposal_room(engine: Engine) -> int:
     return max(0, s.sd_tokens + 1 - s.max_step_tokens)
 
 
-@register("sd", room=_proposal_room)
+def _lanes(engine: Engine) -> SdLanes | None:
+    return SdLanes(engine) if engine.device_loop else None
+
+
+@register("sd", room=_proposal_room, lanes=_lanes)
 def sd(engine: Engine, inputs, max_len: int) -> Solution:
+    if engine.device_loop:
+        return solve_one(engine, inputs, max_len)
     t, d = engine.start(inputs, max_len)
     sol = Solution([], [])
     rng = np.random.default_rng(engine.seed)
     pending = None  # the target's own token of the last round, in neither cache yet
-    while not engine.done(sol.tokens):
+    while (end := engine.chain_end(sol.tokens)) is None:
         if pending is not None:
             _, d = engine.draft.extend(d, [[pending]], [[0]])
         tokens, n, _, draft_dists, d = engine.draft.step(
@@ -108,6 +117,6 @@ def sd(engine: Engine, inputs, max_len: int) -> Solution:
             t = truncate(t, k - kept, t.logits)
             d = truncate(d, k - kept, draft_dists[:, kept])
         pending = extra
-    sol.tokens = sol.tokens[: engine.spec.max_new_tokens]
+    sol.tokens = sol.tokens[:end]  # a round may go past the chain's end
     sol.steps = engine.split_steps(sol.tokens)
     return sol

@@ -18,7 +18,7 @@ def _score_room(engine: Engine) -> int:
     return len(engine.builder.score_suffix_ids)
 
 
-@register("specreason", room=_score_room)
+@register("specreason", room=_score_room, warms_host_loop=True)
 def specreason(engine: Engine, inputs, max_len: int) -> Solution:
     t, d = engine.start(inputs, max_len)
     sol = Solution([], [])
