@@ -279,14 +279,14 @@ def test_rollback_then_regenerate_gives_the_same_step(pair, problems):
     ids, inputs = engine.prompt(p.question, [problem_image(p)])
     session = runner.start(inputs, engine.max_len(len(ids)))
     key = jax.random.key(0)
-    first, n1, _, _, session = runner.step(session, key, 8)
+    first, n1, _, session = runner.step(session, key, 8)
     assert 0 < len(engine.take(first, n1)) <= 8
     logits_after_1 = session.logits
-    second, n2, _, _, session = runner.step(session, key, 8)
+    second, n2, _, session = runner.step(session, key, 8)
     step2 = engine.take(second, n2)
     # Back to the end of step 1, and step 2 again: same tokens.
     session = truncate(session, len(step2), logits_after_1)
-    again, n3, _, _, session = runner.step(session, key, 8)
+    again, n3, _, session = runner.step(session, key, 8)
     assert engine.take(again, n3) == step2
     # Chunked extend of a step gives the logits of token-by-token decoding.
     base = truncate(session, len(step2), logits_after_1)
@@ -328,7 +328,7 @@ def test_window_in_one_call_equals_step_by_step(pair, problems, budget):
     session = runner.start(inputs, engine.max_len(len(ids)))
     logits.append(np.asarray(session.logits))
     while len(one_by_one) < 3 and sum(map(len, one_by_one)) < budget:
-        tokens, n, _, _, session = runner.step(session, key, SPEC.max_step_tokens)
+        tokens, n, _, session = runner.step(session, key, SPEC.max_step_tokens)
         one_by_one.append(engine.take(tokens, n))
         logits.append(np.asarray(session.logits))
     reference = session
@@ -342,8 +342,8 @@ def test_window_in_one_call_equals_step_by_step(pair, problems, budget):
     np.testing.assert_allclose(np.asarray(session.logits), np.asarray(reference.logits), atol=1e-5)
     assert int(session.cache.length[0]) == int(reference.cache.length[0])
     # The cache holds the same tokens: the next step is the same.
-    after, n, _, _, _ = runner.step(session, key, SPEC.max_step_tokens)
-    want, m, _, _, _ = runner.step(reference, key, SPEC.max_step_tokens)
+    after, n, _, _ = runner.step(session, key, SPEC.max_step_tokens)
+    want, m, _, _ = runner.step(reference, key, SPEC.max_step_tokens)
     assert engine.take(after, n) == engine.take(want, m)
 
 

@@ -317,7 +317,7 @@ class Engine:
         Sampling decodes the whole step."""
         key, cap = self.key(len(sol.tokens) + 1), self.spec.max_step_tokens
         if not self.sampling.greedy:
-            tokens, n, _, _, t = self.target.step(v.at([kept]), key, cap, self.sampling)
+            tokens, n, _, t = self.target.step(v.at([kept]), key, cap, self.sampling)
             sol.target_calls += 1
             return self.take(tokens, n), t, None
         draft_step, start = steps[kept], int(v.starts[kept])
@@ -333,7 +333,7 @@ class Engine:
         sol.target_calls += 1
         if own[-1] in ends or room <= 0:
             return own, t, None
-        tokens, n, _, _, t = self.target.step(t, key, cap, self.sampling, limit=room)
+        tokens, n, _, t = self.target.step(t, key, cap, self.sampling, limit=room)
         sol.target_calls += 1
         return own + self.take(tokens, n), t, None
 

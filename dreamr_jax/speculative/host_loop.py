@@ -97,7 +97,7 @@ def host_loop(engine: Engine, t: Session, d: Session) -> Solution:
             in_step = open_step if kept == 0 else 0
             t, d, pending = engine.target_takes_over(sol, v, d, steps, marks, kept, in_step)
             continue
-        tokens, n, _, _, batch = fallback
+        tokens, n, _, batch = fallback
         new_step = engine.take(tokens, n, kept)
         t = select_rows(batch, [kept])
         engine.commit(sol, new_step, "target")

@@ -8,10 +8,10 @@ next-token logits after them. Everything that touches the device is a plain `jax
   chosen positions (verification reads the judge verdicts and the logits after each candidate).
 - `extend_tree`: the same for a tree-shaped chunk (a verification pass: drafted steps plus a
   judge suffix after each), also returning the greedy token at every position.
-- `generate_step`: one reasoning step per row inside a single `lax.while_loop`, stopping per row
-  on the step delimiter, EOS or the step cap; the cache is donated and updated in place.
-- `generate_steps`: a draft window, up to W steps in one loop, with each step's end and the
-  logits after it (what a rollback returns to).
+- `generate_steps`: up to W reasoning steps per row inside a single `lax.while_loop` (a draft
+  window; one step is `ModelRunner.step`), stopping per row on the step delimiter, EOS or the
+  step cap, with each step's end and the logits after it (what a rollback returns to); the cache
+  is donated and updated in place.
 
 Rows that finish early keep running in the batch with their tokens masked out; each function ends
 by rolling every row back to exactly its own committed length, so caches never hold holes.
@@ -117,74 +117,11 @@ def feed_token(model, token, active, cache: KVCache, logits):
     return cache, jnp.where(active[:, None], model.logits(hidden[:, 0]), logits)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9), donate_argnums=3)
-def generate_step(
-    graphdef,
-    state,
-    logits,
-    cache: KVCache,
-    key,
-    max_tokens: int,
-    sampling: Sampling,
-    stop_ids: tuple[int, ...],
-    eos_ids: tuple[int, ...],
-    keep_dists: bool = False,
-    limit=None,
-):
-    """One step per row from next-token `logits [batch, vocab]`, of at most `limit` (a traced
-    scalar, so any limit reuses the program; default `max_tokens`) tokens.
-
-    Returns tokens `[batch, max_tokens]` (-1 after the end), the step length n `[batch]` (with its
-    terminator), whether it ended with EOS `[batch]`, with `keep_dists` the draw distribution of
-    every token `[batch, max_tokens, vocab]` (log-probs, for speculative sampling; else a
-    placeholder), the cache (each row n tokens longer) and the next-token logits after each row's
-    step.
-    """
-    model = merge(graphdef, state)
-    b, vocab = logits.shape
-    stop = jnp.asarray(stop_ids + eos_ids, jnp.int32)
-    eos = jnp.asarray(eos_ids, jnp.int32)
-    start = cache.length
-
-    limit = max_tokens if limit is None else jnp.minimum(limit, max_tokens)
-
-    def cond(carry):
-        i, active = carry[0], carry[3]
-        return (i < limit) & jnp.any(active)
-
-    def body(carry):
-        i, tokens, log_probs, active, n, hit_eos, cache, logits, key = carry
-        key, sub = jax.random.split(key)
-        token = jnp.where(active, sample(logits, sub, sampling), -1)
-        tokens = tokens.at[:, i].set(token)
-        if keep_dists:
-            scaled = logits if sampling.greedy else filter_logits(logits, sampling)
-            log_probs = log_probs.at[:, i].set(jax.nn.log_softmax(scaled, axis=-1))
-        cache, logits = feed_token(model, token, active, cache, logits)
-        n = n + active
-        ended = jnp.isin(token, stop)
-        hit_eos = hit_eos | (active & jnp.isin(token, eos))
-        active = active & ~ended
-        return i + 1, tokens, log_probs, active, n, hit_eos, cache, logits, key
-
-    carry = (
-        0,
-        jnp.full((b, max_tokens), -1, jnp.int32),
-        jnp.zeros((b, max_tokens, vocab) if keep_dists else (1, 1, 1), jnp.float32),
-        jnp.ones((b,), bool),
-        jnp.zeros((b,), jnp.int32),
-        jnp.zeros((b,), bool),
-        cache,
-        logits,
-        key,
-    )
-    _, tokens, log_probs, _, n, hit_eos, cache, logits, _ = jax.lax.while_loop(cond, body, carry)
-    cache = rollback(cache, start + n, cache.next_position)
-    return tokens, n, hit_eos, log_probs, cache, logits
-
-
 @functools.partial(
-    jax.jit, static_argnums=(0, 6, 7, 8, 9, 10), static_argnames="keep_marks", donate_argnums=3
+    jax.jit,
+    static_argnums=(0, 6, 7, 8, 9, 10),
+    static_argnames=("keep_marks", "keep_dists"),
+    donate_argnums=3,
 )
 def generate_steps(
     graphdef,
@@ -203,6 +140,7 @@ def generate_steps(
     *,
     in_step,
     keep_marks: bool = True,
+    keep_dists: bool = False,
     active=None,
 ):
     """Up to `max_steps` steps per row in one device loop (a draft window): no host round trip
@@ -210,19 +148,23 @@ def generate_steps(
     `[batch]` tokens, or after a step in which it drew a token with probability below
     `min_confidence` (a traced scalar, or None: not tracked, no softmax per token; the step is
     kept: it is the one to check, and what the row would write after it is likely to be thrown
-    away). Each step ends as in `generate_step`. `step_limit` (traced, at most `max_steps`)
-    lowers the step count without a new program. Without `keep_marks` the marks are a
-    `[batch, 1, vocab]` placeholder (callers that never roll back to a step's end). `in_step`
-    `[batch]`: tokens of each row's current step already in the cache (0 at a step boundary;
-    more where the target began the step and left it to the draft, the `resume` fallback), so
-    the first step reaches `max_step_tokens` that much sooner and every step is cut where the
-    target alone would cut it. `active` `[batch]` (default all): rows that write nothing (a
+    away). A step ends after a token of `stop_ids` or `eos_ids`, or at `max_step_tokens`
+    tokens. `step_limit` (traced, at most `max_steps`) lowers the step count without a new
+    program. Without `keep_marks` the marks are a `[batch, 1, vocab]` placeholder (callers that
+    never roll back to a step's end); with `keep_dists` the draw distribution of every token is
+    kept (log-probs, for speculative sampling). `in_step` `[batch]`: tokens of each row's
+    current step already in the cache (0 at a step boundary; more where the target began the
+    step and left it to the draft, the `resume` fallback), so the first step reaches
+    `max_step_tokens` that much sooner and every step is cut where the target alone would cut
+    it. `active` `[batch]` (default all): rows that write nothing (a
     batch's empty or finished rows).
 
     Returns tokens `[batch, max_steps * max_step_tokens]` (-1 past the end), ends `[batch,
     max_steps]` (tokens written through each step, 0 for steps not written), the number of steps
     `[batch]`, marks `[batch, max_steps + 1, vocab]` (next-token logits before the first step
-    and after each step), the cache (each row as long as its steps) and the logits after them.
+    and after each step), the log-probs `[batch, max_steps * max_step_tokens, vocab]` (a
+    `[1, 1, 1]` placeholder without `keep_dists`), the cache (each row as long as its steps) and
+    the logits after them.
     """
     model = merge(graphdef, state)
     b, vocab = logits.shape
@@ -233,13 +175,19 @@ def generate_steps(
     step_limit = max_steps if step_limit is None else jnp.minimum(step_limit, max_steps)
 
     def cond(carry):
-        i, active = carry[0], carry[2]
+        i, active = carry[0], carry[3]
         return (i < max_steps * max_step_tokens) & jnp.any(active)
 
     def body(carry):
-        i, tokens, active, n, in_step, sure, steps, ends, marks, cache, logits, key = carry
+        i, tokens, log_probs, active, n, in_step, sure, steps, ends, marks, cache, logits, key = (
+            carry
+        )
         key, sub = jax.random.split(key)
         drawn = sample(logits, sub, sampling)
+        if keep_dists:
+            scaled = logits if sampling.greedy else filter_logits(logits, sampling)
+            at = jnp.where(active, n, max_steps * max_step_tokens)  # (dropped)
+            log_probs = log_probs.at[rows, at].set(jax.nn.log_softmax(scaled, -1), mode="drop")
         if min_confidence is not None:
             scaled = logits if sampling.greedy else filter_logits(logits, sampling)
             prob = jnp.take_along_axis(jax.nn.softmax(scaled, axis=-1), drawn[:, None], 1)[:, 0]
@@ -261,12 +209,15 @@ def generate_steps(
         active = active & ~(
             step_ends & (jnp.isin(token, eos) | (steps >= step_limit) | (n >= budget) | doubtful)
         )
-        return i + 1, tokens, active, n, in_step, sure, steps, ends, marks, cache, logits, key
+        carry = (i + 1, tokens, log_probs, active, n, in_step, sure, steps, ends, marks)
+        return *carry, cache, logits, key
 
     zeros = jnp.zeros((b,), jnp.int32)
+    size = max_steps * max_step_tokens
     carry = (
         0,
-        jnp.full((b, max_steps * max_step_tokens), -1, jnp.int32),
+        jnp.full((b, size), -1, jnp.int32),
+        jnp.zeros((b, size, vocab) if keep_dists else (1, 1, 1), jnp.float32),
         jnp.ones((b,), bool) if active is None else active,
         zeros,
         jnp.asarray(in_step, jnp.int32),
@@ -280,11 +231,11 @@ def generate_steps(
         logits,
         key,
     )
-    _, tokens, _, n, _, _, steps, ends, marks, cache, logits, _ = jax.lax.while_loop(
+    _, tokens, log_probs, _, n, _, _, steps, ends, marks, cache, logits, _ = jax.lax.while_loop(
         cond, body, carry
     )
     cache = rollback(cache, start + n, cache.next_position)
-    return tokens, ends, steps, marks, cache, logits
+    return tokens, ends, steps, marks, log_probs, cache, logits
 
 
 # The session helpers below run between the jitted model calls of every decoding round. As a
@@ -513,23 +464,29 @@ class ModelRunner:
         limit: int | None = None,
     ):
         """Generates one step per row (or up to `max_tokens` tokens, EOS only, with stop=False),
-        of at most `limit` tokens (default `max_tokens`; one program for every limit).
-        Returns (tokens `[batch, max_tokens]`, n `[batch]`, hit_eos `[batch]`, log_probs,
-        session), all still on device. Donates `session`."""
-        tokens, n, hit_eos, log_probs, cache, logits = generate_step(
+        of at most `limit` tokens (default `max_tokens`; one program for every limit): a window
+        of one step (`generate_steps`), which counts the tokens past `limit` as already in it.
+        Returns (tokens `[batch, max_tokens]`, n `[batch]`, log_probs, session), all still on
+        device. Donates `session`."""
+        rows = session.batch
+        written = max_tokens - min(max_tokens, max_tokens if limit is None else limit)
+        tokens, ends, _, _, log_probs, cache, logits = generate_steps(
             self.graphdef,
             self.state,
             session.logits,
             session.cache,
             key,
+            np.full((rows,), max_tokens, np.int32),
+            1,
             max_tokens,
             sampling,
             self.stop_ids if stop else (),
             self.eos_ids,
-            keep_dists,
-            np.int32(max_tokens if limit is None else limit),
+            in_step=np.full((rows,), written, np.int32),
+            keep_marks=False,
+            keep_dists=keep_dists,
         )
-        return tokens, n, hit_eos, log_probs, Session(cache, logits)
+        return tokens, ends[:, 0], log_probs, Session(cache, logits)
 
     def steps(
         self, session: Session, *args, **kwargs
@@ -557,7 +514,7 @@ class ModelRunner:
         `read_steps` turns into (the steps as token lists, marks `[1, max_steps + 1, vocab]`:
         the logits before each step and after the last, or a placeholder without `keep_marks`,
         the session after the steps). Donates `session`."""
-        tokens, ends, count, marks, cache, logits = generate_steps(
+        tokens, ends, count, marks, _, cache, logits = generate_steps(
             self.graphdef,
             self.state,
             session.logits,

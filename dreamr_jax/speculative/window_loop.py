@@ -372,7 +372,7 @@ def speculate(
         d_start = d_cache.length
         fed, d_logits = feed_token(d_model, jnp.maximum(c["pending"], 0), has_p, d_cache, d_logits)
         d_cache = rollback(fed, d_start + has_p, fed.next_position)
-        drafted, ends, k, _, d_cache, d_after = generate_steps(
+        drafted, ends, k, _, _, d_cache, d_after = generate_steps(
             d_graph,
             d_state,
             d_logits,

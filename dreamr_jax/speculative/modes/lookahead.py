@@ -33,7 +33,7 @@ def lookahead(engine: Engine, inputs, max_len: int) -> Solution:
         # One pass over the drafted chain (with the judge queries, used on a mismatch), then
         # the target writes its own step after every prefix of it, as k + 1 batched rows.
         v = engine.verify(t, steps)
-        tokens, n, _, _, batch = engine.target.step(
+        tokens, n, _, batch = engine.target.step(
             v.at(engine.rows(range(k + 1), engine.spec.window + 1)),
             engine.key(len(sol.tokens) + 1),
             engine.spec.max_step_tokens,

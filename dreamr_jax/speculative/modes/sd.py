@@ -86,7 +86,7 @@ def sd(engine: Engine, inputs, max_len: int) -> Solution:
     while (end := engine.chain_end(sol.tokens)) is None:
         if pending is not None:
             _, d = engine.draft.extend(d, [[pending]], [[0]])
-        tokens, n, _, draft_dists, d = engine.draft.step(
+        tokens, n, draft_dists, d = engine.draft.step(
             d,
             engine.key(len(sol.tokens)),
             engine.spec.sd_tokens,
