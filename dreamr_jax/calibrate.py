@@ -252,7 +252,7 @@ def paired_losses(target, draft, problems, alphas, *, base: SpecConfig) -> dict:
     def run(spec: SpecConfig):
         engine = Engine(target, draft if spec.mode != "target" else None, spec)
         for problem, image in zip(problems[:2], images[:2], strict=True):
-            engine.warm_up(problem.question, [image])
+            engine.warm_up(*engine.prompt(problem.question, [image]))
         correct, latency = [], []
         for problem, image in tqdm(
             list(zip(problems, images, strict=True)), desc=spec.mode, leave=False

@@ -28,6 +28,7 @@ from dreamr_jax.serve.checkpoints import CALIBRATION_FILE, weights_digest
 from dreamr_jax.serve.main import with_pair_alpha
 from dreamr_jax.speculative.batch import RowBatch
 from dreamr_jax.speculative.engine import Engine
+from dreamr_jax.speculative.records import Solution
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -367,3 +368,66 @@ def test_serving_takes_the_pairs_calibrated_alpha_unless_one_is_given(models, tm
     assert with_pair_alpha(load_config(None, paths, cls=ServeConfig)).spec.alpha == 0.42
     given = load_config(None, [*paths, "spec.alpha=0.9"], cls=ServeConfig)
     assert with_pair_alpha(given).spec.alpha == 0.9
+
+
+GRADED = [  # (record fields, the model's output, correct?)
+    ({"answer": "B"}, "Looking at the options.\nAnswer: B", True),
+    ({"answer": "(C)"}, "The answer is (A).", False),
+    ({"answer": "12.5"}, "The side is 12.50 cm, so the answer is 12.50", True),
+    ({"answer": "3.14159", "answer_type": "number"}, "The answer is 3.1416.", True),
+    ({"answer": 42}, "Answer: 42", True),  # a JSON number
+    ({"answer": "The Eiffel Tower"}, "It is in Paris.\nThe answer is: eiffel tower!", True),
+    ({"answer": "77", "answer_type": "digitmath"}, "The answer is **77**.", True),
+    ({"answer": "Paris", "answer_type": "letter"}, None, None),  # an unknown type: error line
+]
+
+
+def test_serve_grades_each_answer_type(models, tmp_path, monkeypatch):
+    """A user's file of multiple-choice, numeric and free-text records (types named per record
+    or read off the gold answer) is graded by each record's type; DigitMath keeps its own."""
+    Image.new("RGB", (40, 24), "white").save(tmp_path / "blank.png")
+    with open(tmp_path / "mixed.jsonl", "w") as f:
+        for i, (fields, _, _) in enumerate(GRADED):
+            record = {"id": f"r{i}", "image": "blank.png", "question": f"Question {i}?", **fields}
+            f.write(json.dumps(record) + "\n")
+    outputs = iter(text for _, text, _ in GRADED if text is not None)
+    # The models are random: the test gives each record the output it grades.
+    monkeypatch.setattr(Engine, "answer", lambda self, ids, inputs, started: Solution([0], []))
+    monkeypatch.setattr(Engine, "decode", lambda self, tokens: next(outputs) if tokens else "")
+    out = tmp_path / "out.jsonl"
+    args = [f"data.input={tmp_path / 'mixed.jsonl'}", f"output={out}", "warmup=0", *models]
+    assert serve.main(args) == 0
+    by_id = {r["id"]: r for r in _records(out)}
+    for i, (_, _, correct) in enumerate(GRADED):
+        record = by_id[f"r{i}"]
+        if correct is None:
+            assert "answer_type" in record["error"]
+        else:
+            assert record["correct"] is correct, record
+    assert [by_id[f"r{i}"]["answer_type"] for i in range(3)] == ["choice", "choice", "number"]
+    assert by_id["r5"]["answer_type"] == "text" and by_id["r5"]["prediction"] == "eiffel tower"
+
+
+def test_the_warm_up_compiles_on_the_input_s_own_records(models, tmp_path, monkeypatch):
+    """The warm-up answers the first records that can be answered (a bad one skipped), not
+    DigitMath problems, whose shapes a user's images and prompts do not share."""
+    Image.new("RGB", (72, 40), "white").save(tmp_path / "wide.png")
+    with open(tmp_path / "own.jsonl", "w") as f:
+        f.write(json.dumps({"id": "bad", "image": "missing.png", "question": "Lost?"}) + "\n")
+        for i in range(3):
+            record = {"id": f"r{i}", "image": "wide.png", "question": f"Wide question {i}?"}
+            f.write(json.dumps(record) + "\n")
+    warmed = []
+    warm_up = Engine.warm_up
+    monkeypatch.setattr(
+        Engine,
+        "warm_up",
+        lambda self, ids, inputs: (warmed.append(self.decode(ids)), warm_up(self, ids, inputs)),
+    )
+    monkeypatch.setattr(digitmath, "generate_problems", None)  # no DigitMath warm-up
+    out = tmp_path / "out.jsonl"
+    args = [f"data.input={tmp_path / 'own.jsonl'}", f"output={out}", "warmup=2", *models]
+    assert serve.main([*args, "spec.mode=target"]) == 0
+    assert len(warmed) == 2
+    assert "Wide question 0?" in warmed[0] and "Wide question 1?" in warmed[1]
+    assert len(_records(out)) == 4

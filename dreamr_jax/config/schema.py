@@ -475,6 +475,7 @@ class EvalConfig:
 DEFAULT_ALPHA = 0.7  # the paper's CPN threshold
 MODES = ("target", "draft", "sd", "specreason", "lookahead", "exact", "dreamr")
 FALLBACKS = ("lazy", "eager", "resume")
+ANSWER_TYPES = ("auto", "digitmath", "choice", "number", "text")  # data/answers.py
 SCHEDULES = ("window", "sequential", "fpsr")
 
 
@@ -707,8 +708,22 @@ class ServeDataConfig:
     # header, before anything is decoded)
     max_image_pixels: int = 40_000_000  # width x height of one image
     max_images: int = 16  # images in one record, 1-256; a record with more gets an `error` line
+    # How answers are graded where a record names no `answer_type` of its own: choice (an
+    # option letter A-J), number (within number_tolerance), text (normalised), digitmath (the
+    # task's own grader), or auto: digitmath for the embedded default input, else the type each
+    # gold answer reads as (dreamr_jax/data/answers.py)
+    answer_type: str = "auto"
+    # number answers: right within this much of the gold, relative (absolute below 1)
+    number_tolerance: float = 1e-4
 
     def validate(self, prefix: str = "data") -> None:
+        if self.answer_type not in ANSWER_TYPES:
+            _fail(
+                f"{prefix}.answer_type",
+                f"{self.answer_type!r} is not one of {', '.join(ANSWER_TYPES)}",
+            )
+        if not 0 <= self.number_tolerance < 1:
+            _fail(f"{prefix}.number_tolerance", f"must be in [0, 1), got {self.number_tolerance}")
         if self.limit < 0:
             _fail(f"{prefix}.limit", f"must be >= 0, got {self.limit}")
         _check_size(f"{prefix}.digitmath_problems", self.digitmath_problems, MAX_BATCH, "problems")

@@ -6,7 +6,7 @@ reads the file back, whatever happened to it). Everything that reads, decodes, p
 tokenizes or answers one record runs inside one guard: any exception there becomes that record's
 `error` line (naming the field or stage) and the batch goes on. Only failures of the process
 itself stop the run (`ServeFailure`): the device or the host out of memory, a runtime error of
-the device, or models that cannot answer a known-good problem in the warm-up.
+the device, or models that cannot answer the records of the warm-up.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 from tqdm import tqdm
 
 from dreamr_jax.config.schema import ServeConfig
-from dreamr_jax.data import digitmath
+from dreamr_jax.data import answers, digitmath
 from dreamr_jax.data.sft import problem_image
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.serve.output import (
@@ -36,6 +36,8 @@ from dreamr_jax.serve.output import (
 from dreamr_jax.serve.records import (
     InputRecord,
     RecordError,
+    answer_type_of,
+    gold_answer,
     image_paths,
     load_image,
     question_of,
@@ -74,13 +76,20 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def solution_record(engine: Engine, rid: str, record: dict, sol: Solution) -> dict:
+def solution_record(engine: Engine, rid: str, record: dict, sol: Solution, grading) -> dict:
+    """A record's output line; `grading` `(answer type, number tolerance)`: how its prediction is
+    read off the output and checked against its gold answer (data/answers.py)."""
     text = engine.decode(sol.tokens)
-    prediction = digitmath.extract_answer(text)
+    kind, tolerance = grading
+    gold = gold_answer(record)
+    kind = answers.resolve_type(kind, gold) if gold is not None else kind
+    kind = "text" if kind == "auto" else kind  # nothing to read the type off
+    prediction = answers.extract(text, kind)
     out = {
         "id": rid,
         "output": text,
         "prediction": prediction,
+        "answer_type": kind,
         "steps": [s.to_json() for s in sol.steps],
         "latency_s": round(sol.latency_s, 6),
         "new_tokens": len(sol.tokens),
@@ -89,23 +98,26 @@ def solution_record(engine: Engine, rid: str, record: dict, sol: Solution) -> di
         "target_calls": sol.target_calls,
         "format_misses": sol.format_misses,
     }
-    if record.get("answer") is not None:
-        out["answer"] = str(record["answer"])
-        out["correct"] = digitmath.is_correct(prediction, out["answer"])
+    if gold is not None:
+        out["answer"] = gold
+        out["correct"] = answers.is_correct(prediction, gold, kind, tolerance)
     return out
 
 
-def warm_up(engine: Engine, n: int, rows: int = 1) -> None:
-    """Compiles on n DigitMath train problems before anything is timed, through a batch of
-    `rows` rows when there is more than one (its programs are the batch's)."""
-    problems = digitmath.generate_problems("train", n, 12345)
+def warm_up(engine: Engine, n: int, rows: int = 1, prompts=None) -> None:
+    """Compiles on `prompts` (`Engine.prompt`'s ids and inputs: the input's own first records, so
+    their shapes are compiled), or on n DigitMath train problems, before anything is timed;
+    through a batch of `rows` rows when there is more than one (its programs are the batch's)."""
+    if prompts is None:
+        problems = digitmath.generate_problems("train", n, 12345)
+        prompts = [engine.prompt(p.question, [problem_image(p)]) for p in problems]
     if rows == 1:
-        for problem in problems:
-            engine.warm_up(problem.question, [problem_image(problem)])
+        for ids, inputs in prompts:
+            engine.warm_up(ids, inputs)
         return
     batch = RowBatch(engine, rows)
-    for problem in problems:
-        batch.admit(*engine.prompt(problem.question, [problem_image(problem)]), None, 0.0)
+    for ids, inputs in prompts:
+        batch.admit(ids, inputs, None, 0.0)
         if not batch.free:
             batch.run()
     while batch.busy:
@@ -121,6 +133,11 @@ class Answerer:
         self.cfg, self.engine, self.folder = cfg, engine, folder
         self.warmup_s = 0.0
         self._warm = cfg.warmup == 0
+        self._todo: list[InputRecord] = []
+        data = cfg.data
+        # The embedded default input is DigitMath's: its own grader
+        kind = "digitmath" if data.answer_type == "auto" and not data.input else data.answer_type
+        self.grading = (kind, data.number_tolerance)
 
     def __call__(self, item: InputRecord) -> dict:
         """The output line of one input record: its answer, or its `error`."""
@@ -135,6 +152,7 @@ class Answerer:
     def lines(self, todo: list[InputRecord]) -> Iterator[tuple[InputRecord, dict]]:
         """Each record with its output line, in the order they finish: one at a time, or
         through a batch of `batch_size` rows refilled as rows finish (`RowBatch`)."""
+        self._todo = todo  # the warm-up compiles on the first of them
         if self.cfg.batch_size == 1:
             for item in todo:
                 yield item, self(item)
@@ -200,6 +218,8 @@ class Answerer:
         names the field or stage at fault."""
         data = self.cfg.data
         question = question_of(record)
+        answer_type_of(record, self.grading[0])  # a bad type fails before any work
+        gold_answer(record)
         paths = image_paths(record, data.max_images)
         with blame("field 'image'"):
             images = [load_image(self.folder, p, data.max_image_pixels) for p in paths]
@@ -211,17 +231,30 @@ class Answerer:
 
     def finish(self, rid: str, record: dict, solution: Solution) -> dict:
         with blame("output"):
-            return solution_record(self.engine, rid, record, solution)
+            grading = (answer_type_of(record, self.grading[0]), self.grading[1])
+            return solution_record(self.engine, rid, record, solution, grading)
 
     def _warm_up(self) -> None:
+        """Compiles on the first `warmup` records that can be answered (their own shapes: a
+        DigitMath warm-up would leave a user's images and prompts to compile on the clock)."""
         if self._warm:
             return
         began = time.perf_counter()
+        prompts, ids = [], []
+        for item in self._todo:
+            if len(prompts) == self.cfg.warmup:
+                break
+            if item.error is None:
+                try:
+                    prompts.append(self.prepare(item.record)[:2])
+                    ids.append(item.id)
+                except RecordError:
+                    continue  # it gets its error line on its turn
         try:
-            warm_up(self.engine, self.cfg.warmup, self.cfg.batch_size)
+            warm_up(self.engine, len(prompts), self.cfg.batch_size, prompts)
         except Exception as e:
             raise ServeFailure(
-                f"warm-up failed: the models could not answer a DigitMath problem "
+                f"warm-up failed: the models could not answer records {', '.join(map(repr, ids))} "
                 f"({type(e).__name__}: {e})"
             ) from e
         self._warm = True

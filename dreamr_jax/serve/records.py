@@ -1,8 +1,9 @@
 """Input records of serve.py: reading the JSONL file and checking each record's fields.
 
-A record is `{"id", "image": path | [paths], "question", "answer"?}`, image paths relative to the
-input file's folder (DESIGN.md section 6). Everything here raises `RecordError` with a message
-naming the line or field at fault; the batch loop turns it into that record's `error` line.
+A record is `{"id", "image": path | [paths], "question", "answer"?, "answer_type"?}`, image paths
+relative to the input file's folder (DESIGN.md section 6). Everything here raises `RecordError`
+with a message naming the line or field at fault; the batch loop turns it into that record's
+`error` line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
+
+from dreamr_jax.config.schema import ANSWER_TYPES
 
 
 class RecordError(ValueError):
@@ -77,6 +80,24 @@ def question_of(record: dict) -> str:
             f"field 'question' is not valid Unicode text ({e.reason} at character {e.start})"
         ) from None
     return question
+
+
+def answer_type_of(record: dict, default: str) -> str:
+    """The record's `answer_type` (data/answers.py), or `default` where it names none."""
+    kind = record.get("answer_type", default)
+    if kind not in ANSWER_TYPES:
+        raise RecordError(f"field 'answer_type' must be one of {', '.join(ANSWER_TYPES)}")
+    return kind
+
+
+def gold_answer(record: dict) -> str | None:
+    """The record's gold `answer` as text (a JSON number is taken as written), or None."""
+    answer = record.get("answer")
+    if answer is None:
+        return None
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+        raise RecordError("field 'answer' must be text or a number")
+    return str(answer)
 
 
 def image_paths(record: dict, max_images: int) -> list[str]:

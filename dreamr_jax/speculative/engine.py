@@ -149,16 +149,15 @@ class Engine:
         solution.latency_s = time.perf_counter() - started
         return solution
 
-    def warm_up(self, question: str, images) -> None:
-        """Compiles what a request shaped like this one can run, so no later request pays for
-        compilation: one full solve, then what that solve may not have reached: a verification
-        pass of every chunk width a window can produce, the target's fallback step (one row,
-        or W rows for eager), and the draft taking a committed step of every padded length and
-        dropping rejected steps."""
-        self.solve(question, images)
+    def warm_up(self, ids: list[int], inputs) -> None:
+        """Compiles what a request shaped like this prompt (`prompt`'s ids and inputs) can run,
+        so no later request pays for compilation: one full answer, then what that answer may not
+        have reached: a verification pass of every chunk width a window can produce, the
+        target's fallback step (one row, or W rows for eager), and the draft taking a committed
+        step of every padded length and dropping rejected steps."""
+        self.answer(ids, inputs, time.perf_counter())
         if not self.mode.warms_host_loop or self.device_loop:
             return
-        ids, inputs = self.prompt(question, images)
         max_len = self.max_len(len(ids))
         score = self.spec.mode == "specreason"
         suffix = self.builder.score_suffix_ids if score else self.builder.judge_suffix_ids
