@@ -110,17 +110,16 @@ class ChainLanes:
 
 
 class _PairLanes:
-    """What the loops of draft and target together share: both prefilled, both caches per row.
-    A subclass sets `loop` (the module: `start_rows`, `admit`) and `spec`, and runs it."""
-
-    loop = None
+    """What the loops of draft and target together share: both prefilled, both caches per row,
+    the batch built by `window_loop.start_rows` and `admit` from the row state the loop's spec
+    makes (`fresh_row`). A subclass sets `spec` and runs its loop."""
 
     def prefill(self, inputs, max_len: int) -> tuple[Session, Session]:
         return self.engine.start(inputs, max_len)
 
     def start(self, sessions, active) -> dict:
         t, d = sessions
-        return self.loop.start_rows(self.spec, t.cache, d.cache, t.logits, d.logits, active)
+        return window_loop.start_rows(self.spec, t.cache, d.cache, t.logits, d.logits, active)
 
     def empty(self, rows: int, max_len: int) -> tuple[Session, Session]:
         e = self.engine
@@ -128,7 +127,7 @@ class _PairLanes:
 
     def admit(self, state: dict, row: int, sessions) -> dict:
         t, d = sessions
-        return self.loop.admit(
+        return window_loop.admit(
             self.spec, state, np.int32(row), t.cache, d.cache, t.logits, d.logits
         )
 
@@ -142,8 +141,6 @@ class _PairLanes:
 
 class WindowLanes(_PairLanes):
     """`exact` (no judge) and greedy `dreamr` with `resume` (`window_loop.py`)."""
-
-    loop = window_loop
 
     def __init__(self, engine: Engine, judged: bool):
         self.engine = engine
@@ -185,8 +182,6 @@ class WindowLanes(_PairLanes):
 
 class SdLanes(_PairLanes):
     """`sd` greedy (`sd_loop.py`)."""
-
-    loop = sd_loop
 
     def __init__(self, engine: Engine):
         self.engine = engine

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from dreamr_jax.models.generate import merge
-from dreamr_jax.models.kv_cache import KVCache, rollback, set_row
+from dreamr_jax.models.kv_cache import rollback
 from dreamr_jax.speculative.runner import feed_token
 from dreamr_jax.speculative.window_loop import step_boundaries, target_pass
 
@@ -44,45 +44,22 @@ class SdSpec:
         # A step begins below the budget and is at most max_step_tokens long.
         return self.max_new_tokens + self.max_step_tokens
 
-
-def _fresh_row(t_logits, *, spec: SdSpec) -> dict:
-    """A row's state before its first round, from the target's logits after its prompt
-    `[vocab]`: `t_next` is the target's first token, what the first proposed token must be."""
-    zero = jnp.zeros((), jnp.int32)
-    return {
-        "t_next": jnp.argmax(t_logits).astype(jnp.int32),
-        "tokens": jnp.full((spec.out_len,), -1, jnp.int32),
-        "n": zero,
-        "pending": jnp.full((), -1, jnp.int32),
-        "in_step": zero,
-        "done": jnp.zeros((), bool),
-        "passes": zero,
-        "proposed": zero,
-        "accepted": zero,
-    }
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def start_rows(spec: SdSpec, t_cache: KVCache, d_cache: KVCache, t_logits, d_logits, active):
-    """The loop's state over a batch of rows: both models' caches and next-token logits
-    `[rows, vocab]` after each row's prompt, and which rows hold a request `active [rows]`."""
-    rows = jax.vmap(functools.partial(_fresh_row, spec=spec))(t_logits)
-    return {"t_cache": t_cache, "d_cache": d_cache, "d_logits": d_logits, "active": active, **rows}
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def admit(spec: SdSpec, state: dict, row, t_cache: KVCache, d_cache: KVCache, t_logits, d_logits):
-    """`state` with a new request in `row` (a traced index): the one-row caches and logits
-    `[1, vocab]` after its prompt, and a fresh row state."""
-    fresh = _fresh_row(t_logits[0], spec=spec)
-    state = {
-        **state,
-        "t_cache": set_row(state["t_cache"], row, t_cache),
-        "d_cache": set_row(state["d_cache"], row, d_cache),
-        "d_logits": state["d_logits"].at[row].set(d_logits[0]),
-        "active": state["active"].at[row].set(True),
-    }
-    return {**state, **{name: state[name].at[row].set(value) for name, value in fresh.items()}}
+    def fresh_row(self, t_logits) -> dict:
+        """A row's state before its first round, from the target's logits after its prompt
+        `[vocab]`: `t_next` is the target's first token, what the first proposed token must
+        be. (`window_loop.start_rows` and `admit` build the batch from it.)"""
+        zero = jnp.zeros((), jnp.int32)
+        return {
+            "t_next": jnp.argmax(t_logits).astype(jnp.int32),
+            "tokens": jnp.full((self.out_len,), -1, jnp.int32),
+            "n": zero,
+            "pending": jnp.full((), -1, jnp.int32),
+            "in_step": zero,
+            "done": jnp.zeros((), bool),
+            "passes": zero,
+            "proposed": zero,
+            "accepted": zero,
+        }
 
 
 def _commit(row, proposal, before, has_p, live, *, spec: SdSpec):
@@ -130,7 +107,8 @@ def _commit(row, proposal, before, has_p, live, *, spec: SdSpec):
 @functools.partial(jax.jit, static_argnums=(0, 2, 5), donate_argnums=4)
 def speculate_tokens(t_graph, t_state, d_graph, d_state, state: dict, spec: SdSpec):
     """Rounds over every row in play (`active` and not `done`) until one of them finishes its
-    chain, or none is left in play. `state` (`start_rows`, `admit`; donated) holds per row the
+    chain, or none is left in play. `state` (`window_loop.start_rows`, `admit`; donated) holds
+    per row the
     caches and `tokens [out_len]` (the first `n` real), `n`, and the counters `passes` (target
     passes), `proposed` and `accepted` (tokens)."""
     d_model = merge(d_graph, d_state)

@@ -100,6 +100,30 @@ class LoopSpec:
         # The chain ends at the first step end at or past the budget.
         return self.max_new_tokens + self.max_step_tokens
 
+    def fresh_row(self, t_logits) -> dict:
+        """A row's state before its first window, from the target's logits after its prompt
+        `[vocab]`."""
+        out_len, windows, zero = self.out_len, self.max_windows, jnp.zeros((), jnp.int32)
+        return {
+            "t_next": jnp.argmax(t_logits).astype(jnp.int32),
+            "tokens": jnp.full((out_len,), -1, jnp.int32),
+            "n": zero,
+            "pending": jnp.full((), -1, jnp.int32),
+            "in_step": zero,
+            "done": jnp.zeros((), bool),
+            "passes": zero,
+            "proposed": zero,
+            "accepted": zero,
+            "format_misses": zero,
+            "by_draft": jnp.zeros((out_len,), bool),
+            "unit_end": jnp.zeros((out_len,), bool),
+            "unit_p": jnp.full((out_len,), jnp.nan, jnp.float32),
+            "dropped": jnp.full((windows, self.max_step_tokens), -1, jnp.int32),
+            "dropped_len": jnp.zeros((windows,), jnp.int32),
+            "dropped_p": jnp.full((windows,), jnp.nan, jnp.float32),
+            "dropped_at": jnp.zeros((windows,), jnp.int32),
+        }
+
 
 def target_pass(
     graphdef, state, cache: KVCache, tokens, mask, offsets, seen, gather, *, width: int
@@ -275,44 +299,21 @@ def _commit(row, plan, greedy_after, verdict_logits, live, alpha, floor, *, spec
     return new_row, m, plan["n_drafted"] - (m - has_p)
 
 
-def _fresh_row(t_logits, *, spec: LoopSpec) -> dict:
-    """A row's state before its first window, from the target's logits after its prompt
-    `[vocab]`."""
-    out_len, windows, zero = spec.out_len, spec.max_windows, jnp.zeros((), jnp.int32)
-    return {
-        "t_next": jnp.argmax(t_logits).astype(jnp.int32),
-        "tokens": jnp.full((out_len,), -1, jnp.int32),
-        "n": zero,
-        "pending": jnp.full((), -1, jnp.int32),
-        "in_step": zero,
-        "done": jnp.zeros((), bool),
-        "passes": zero,
-        "proposed": zero,
-        "accepted": zero,
-        "format_misses": zero,
-        "by_draft": jnp.zeros((out_len,), bool),
-        "unit_end": jnp.zeros((out_len,), bool),
-        "unit_p": jnp.full((out_len,), jnp.nan, jnp.float32),
-        "dropped": jnp.full((windows, spec.max_step_tokens), -1, jnp.int32),
-        "dropped_len": jnp.zeros((windows,), jnp.int32),
-        "dropped_p": jnp.full((windows,), jnp.nan, jnp.float32),
-        "dropped_at": jnp.zeros((windows,), jnp.int32),
-    }
-
-
 @functools.partial(jax.jit, static_argnums=0)
-def start_rows(spec: LoopSpec, t_cache: KVCache, d_cache: KVCache, t_logits, d_logits, active):
-    """The loop's state over a batch of rows: both models' caches and next-token logits
-    `[rows, vocab]` after each row's prompt, and which rows hold a request `active [rows]`."""
-    rows = jax.vmap(functools.partial(_fresh_row, spec=spec))(t_logits)
+def start_rows(spec, t_cache: KVCache, d_cache: KVCache, t_logits, d_logits, active):
+    """The state over a batch of rows of a loop of draft and target together (this one, or
+    `sd_loop`'s; `spec.fresh_row` makes a row's own state): both models' caches and next-token
+    logits `[rows, vocab]` after each row's prompt, and which rows hold a request
+    `active [rows]`."""
+    rows = jax.vmap(spec.fresh_row)(t_logits)
     return {"t_cache": t_cache, "d_cache": d_cache, "d_logits": d_logits, "active": active, **rows}
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def admit(spec: LoopSpec, state: dict, row, t_cache: KVCache, d_cache: KVCache, t_logits, d_logits):
-    """`state` with a new request in `row` (a traced index): the one-row caches and logits
-    `[1, vocab]` after its prompt, and a fresh row state."""
-    fresh = _fresh_row(t_logits[0], spec=spec)
+def admit(spec, state: dict, row, t_cache: KVCache, d_cache: KVCache, t_logits, d_logits):
+    """`state` (`start_rows`) with a new request in `row` (a traced index): the one-row caches
+    and logits `[1, vocab]` after its prompt, and a fresh row state."""
+    fresh = spec.fresh_row(t_logits[0])
     state = {
         **state,
         "t_cache": set_row(state["t_cache"], row, t_cache),
