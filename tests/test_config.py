@@ -365,7 +365,7 @@ def test_config_to_dict_uses_plain_types():
     d = config_to_dict(load_tiny())
     assert d["model"]["eos_token_ids"] == [498, 496]
     assert d["model"]["vision"]["deepstack_visual_indexes"] == [0]
-    assert d["mesh"] == {"data": 1, "fsdp": -1, "tensor": 1}
+    assert d["mesh"] == {"data": 1, "fsdp": -1, "tensor": 1, "device_memory_gib": 0.0}
     assert set(d) == {f.name for f in dataclasses.fields(Config)}
 
 

@@ -263,8 +263,13 @@ class MeshConfig:
     data: int = 1  # devices that split the batch, weights replicated; -1: the rest
     fsdp: int = -1  # devices that split the batch and the weights (FSDP); -1: the rest
     tensor: int = 1  # devices that split heads, MLP and vocabulary (tensor parallel); -1: the rest
+    # GiB of memory each device has, which `python -m dreamr_jax.plan` checks the run's plan
+    # against (0: not checked)
+    device_memory_gib: float = 0.0
 
     def validate(self, prefix: str = "mesh") -> None:
+        if self.device_memory_gib < 0:
+            _fail(f"{prefix}.device_memory_gib", f"must be >= 0, got {self.device_memory_gib}")
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1:
             _fail(prefix, "at most one axis may be -1")
@@ -684,8 +689,13 @@ class ServeParallelConfig:
 
     draft_devices: int = 0  # devices of the draft's submesh; 0: share the target's device
     target_devices: int = 0  # devices of the target's submesh; 0: the first device alone
+    # GiB of memory each device has, which `python -m dreamr_jax.plan --serve` checks the run's
+    # plan against (0: not checked)
+    device_memory_gib: float = 0.0
 
     def validate(self, prefix: str = "parallel") -> None:
+        if self.device_memory_gib < 0:
+            _fail(f"{prefix}.device_memory_gib", f"must be >= 0, got {self.device_memory_gib}")
         for key in ("draft_devices", "target_devices"):
             if not 0 <= getattr(self, key) <= MAX_BATCH:
                 _fail(f"{prefix}.{key}", f"must be in [0, {MAX_BATCH:,}]")

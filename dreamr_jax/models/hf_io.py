@@ -181,7 +181,8 @@ def _flat_params(state: nnx.State):
 # ---------------------------------------------------------------------------------- loading
 
 
-def _read_config(path: str) -> ModelConfig:
+def read_config(path: str) -> ModelConfig:
+    """The model config of a checkpoint folder (config.json, with generation_config.json's ids)."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
@@ -214,7 +215,7 @@ def load_pretrained(
     single or sharded) into a `Qwen3VL` whose parameters are sharded on `mesh` by the logical
     rules (one device if `mesh` is None). Every tensor's shape is checked against the config."""
     path = os.fspath(path)
-    cfg = _read_config(path)
+    cfg = read_config(path)
     dtype = as_dtype(dtype)
     tensors = CheckpointTensors(path)
     model = abstract_model(cfg, dtype)
