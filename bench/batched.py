@@ -21,7 +21,7 @@ from target_vs_dreamr import write_record
 
 from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
-from dreamr_jax.data.sft import problem_image
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.provenance import provenance
 from dreamr_jax.serve.batch import warm_up
 from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET, load_checkpoint, pair_alpha

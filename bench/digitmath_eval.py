@@ -29,8 +29,9 @@ from flax import nnx
 
 from dreamr_jax.config import load_config
 from dreamr_jax.data import digitmath
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.data.draft_mistakes import mistakes_of
-from dreamr_jax.data.sft import SFTExampleBuilder, problem_image
+from dreamr_jax.data.sft import SFTExampleBuilder
 from dreamr_jax.models.generate import decode_loop, prefill
 from dreamr_jax.models.inputs import prepare_inputs
 from dreamr_jax.models.kv_cache import init_cache

@@ -15,7 +15,7 @@ import collections
 
 from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
-from dreamr_jax.data.sft import problem_image
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.serve.checkpoints import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,

@@ -25,7 +25,7 @@ import numpy as np
 
 from dreamr_jax.config.schema import DEFAULT_ALPHA, FALLBACKS, PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
-from dreamr_jax.data.sft import problem_image
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.serve.batch import warm_up
 from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET, load_checkpoint
 from dreamr_jax.speculative.engine import Engine

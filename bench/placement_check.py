@@ -23,7 +23,7 @@ from target_vs_dreamr import write_record  # noqa: E402
 
 from dreamr_jax.config.schema import PromptConfig, SpecConfig  # noqa: E402
 from dreamr_jax.data import digitmath  # noqa: E402
-from dreamr_jax.data.sft import problem_image  # noqa: E402
+from dreamr_jax.data.digitmath import problem_image  # noqa: E402
 from dreamr_jax.parallel.mesh import make_mesh  # noqa: E402
 from dreamr_jax.provenance import provenance  # noqa: E402
 from dreamr_jax.serve.checkpoints import (  # noqa: E402

@@ -27,7 +27,7 @@ import numpy as np
 
 from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
-from dreamr_jax.data.sft import problem_image
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.provenance import provenance
 from dreamr_jax.serve.batch import warm_up
 from dreamr_jax.serve.checkpoints import (

@@ -42,8 +42,9 @@ from tqdm import tqdm
 from dreamr_jax.config import load_config
 from dreamr_jax.config.schema import DataConfig, SpecConfig
 from dreamr_jax.data import digitmath
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.data.draft_mistakes import DraftMistake
-from dreamr_jax.data.sft import ExamplePlan, SFTExampleBuilder, problem_image
+from dreamr_jax.data.sft import ExamplePlan, SFTExampleBuilder
 from dreamr_jax.models.generate import decode_loop, prefill
 from dreamr_jax.models.inputs import prepare_inputs
 from dreamr_jax.models.kv_cache import init_cache

@@ -11,9 +11,10 @@ import pytest
 
 from dreamr_jax.config import load_config
 from dreamr_jax.data import digitmath
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.data.draft_mistakes import DraftMistake, first_mistake
 from dreamr_jax.data.prompts import PromptBuilder
-from dreamr_jax.data.sft import SFTExampleBuilder, plan_examples, problem_image
+from dreamr_jax.data.sft import SFTExampleBuilder, plan_examples
 from dreamr_jax.data.tokenizer import build_default_tokenizer
 from dreamr_jax.models import init_model
 from dreamr_jax.models.processor import make_image_processor, process_images

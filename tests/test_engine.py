@@ -14,7 +14,7 @@ from tiny_pair import MIXED, VOCAB, load_near_target, make_tiny_pair, with_judge
 
 from dreamr_jax.config.schema import MODES, PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
-from dreamr_jax.data.sft import problem_image
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.serve.checkpoints import load_checkpoint
 from dreamr_jax.speculative import modes
 from dreamr_jax.speculative.engine import Engine

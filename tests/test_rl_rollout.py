@@ -20,7 +20,7 @@ from tiny_pair import make_tiny_pair
 
 from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
-from dreamr_jax.data.sft import problem_image
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.models.sampling import GREEDY, Sampling
 from dreamr_jax.rl.rollout import Prompt, RolloutSpec, prompt_rows, rollout, token_logprobs
 from dreamr_jax.rl.scoring import score_steps

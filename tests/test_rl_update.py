@@ -23,8 +23,8 @@ from flax import nnx
 from dreamr_jax.config import load_config
 from dreamr_jax.config.schema import PromptConfig, TrainConfig
 from dreamr_jax.data import digitmath
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.data.prompts import PromptBuilder
-from dreamr_jax.data.sft import problem_image
 from dreamr_jax.data.tokenizer import build_default_tokenizer
 from dreamr_jax.models import init_model
 from dreamr_jax.models.processor import make_image_processor

@@ -13,7 +13,7 @@ from tiny_pair import MIXED, load_near_target, make_tiny_pair, with_judge
 
 from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
-from dreamr_jax.data.sft import problem_image
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.parallel.mesh import make_mesh
 from dreamr_jax.serve.checkpoints import load_checkpoint
 from dreamr_jax.speculative.engine import Engine

@@ -431,3 +431,15 @@ def test_the_warm_up_compiles_on_the_input_s_own_records(models, tmp_path, monke
     assert len(warmed) == 2
     assert "Wide question 0?" in warmed[0] and "Wide question 1?" in warmed[1]
     assert len(_records(out)) == 4
+
+
+def test_serving_imports_no_training_package():
+    """Serving and its benchmarks run where only the inference stack is installed (the GPU
+    machines' image has no grain, training's data pipeline)."""
+    code = (
+        "import runpy, sys; sys.modules['grain'] = None; sys.path.insert(0, 'bench')\n"
+        "import serve, dreamr_jax.report, dreamr_jax.plan\n"
+        "for script in ('target_vs_dreamr', 'batched', 'placement_check'):\n"
+        "    runpy.run_path(f'bench/{script}.py', run_name='imported')"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

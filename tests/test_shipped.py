@@ -11,7 +11,7 @@ from hf_reference import TOL, Prompt, hf_logits, load_hf, max_abs, our_logits
 
 from dreamr_jax.config.schema import FALLBACKS, PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
-from dreamr_jax.data.sft import problem_image
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET, load_checkpoint
 from dreamr_jax.speculative.engine import Engine

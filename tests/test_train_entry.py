@@ -14,8 +14,8 @@ from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 import train
 from dreamr_jax.config import load_config
 from dreamr_jax.data import digitmath
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.data.prompts import PromptBuilder
-from dreamr_jax.data.sft import problem_image
 from dreamr_jax.models.hf_io import load_pretrained
 from dreamr_jax.models.processor import make_image_processor, process_images
 

@@ -244,6 +244,12 @@ def render_image(problem: Problem, distort_seed: int | None = None) -> Image.Ima
     return render_grid(problem.scans, rng)
 
 
+def problem_image(problem: Problem, distort_seed: int | None = None) -> Image.Image:
+    """The RGB picture of a problem, as serving reads it from its PNG (or, with `distort_seed`,
+    a distorted training variant)."""
+    return render_image(problem, distort_seed).convert("RGB")
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """PNG encoding with fixed settings (no metadata), so equal images give equal bytes."""
     buffer = io.BytesIO()

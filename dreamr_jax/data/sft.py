@@ -21,7 +21,6 @@ from collections.abc import Collection, Mapping, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 
 from dreamr_jax.config.schema import DataConfig
 from dreamr_jax.data import digitmath, wordings
@@ -176,12 +175,6 @@ def arithmetic_fact(rng: np.random.Generator) -> tuple[str, str]:
     step, _ = digitmath.operation_step(a, symbol, b)
     head, tail = step.split(" =", 1)
     return head + " =", tail
-
-
-def problem_image(problem: digitmath.Problem, distort_seed: int | None = None) -> Image.Image:
-    """The RGB picture of a problem, as serving reads it from its PNG (or, with `distort_seed`,
-    a distorted training variant)."""
-    return digitmath.render_image(problem, distort_seed).convert("RGB")
 
 
 def judge_candidate(
@@ -358,7 +351,7 @@ class SFTExampleBuilder:
             ids, mask = self.drill_ids(plan.drill_seed, self.data.seq_len)
             branch, visible = [0] * len(ids), list(range(1, len(ids) + 1))
         else:
-            image = problem_image(problem, plan.distort_seed)
+            image = digitmath.problem_image(problem, plan.distort_seed)
             pixel_values, grid = process_images(self.processor, [image])
             ids, mask, branch, visible = self.token_ids(plan, grid[0].tolist())
         seq_len, max_patches = self.data.seq_len, self.data.max_image_patches

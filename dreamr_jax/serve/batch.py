@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dreamr_jax.config.schema import ServeConfig
 from dreamr_jax.data import answers, digitmath
-from dreamr_jax.data.sft import problem_image
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.serve.output import (
     OutputLock,

@@ -14,8 +14,9 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from dreamr_jax.data import digitmath
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.data.prompts import PromptBuilder
-from dreamr_jax.data.sft import ExamplePlan, SFTExampleBuilder, problem_image
+from dreamr_jax.data.sft import ExamplePlan, SFTExampleBuilder
 from dreamr_jax.models.generate import generate
 from dreamr_jax.models.processor import left_pad, process_images
 from dreamr_jax.speculative.cpn import cpn_scores

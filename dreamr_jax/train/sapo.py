@@ -36,7 +36,7 @@ from tqdm import tqdm
 from dreamr_jax.config.loader import save_config
 from dreamr_jax.config.schema import Config
 from dreamr_jax.data import digitmath
-from dreamr_jax.data.sft import problem_image
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.models.sampling import GREEDY, Sampling
 from dreamr_jax.parallel.mesh import mesh_from_config
 from dreamr_jax.provenance import provenance
