@@ -108,9 +108,8 @@ def _commit(row, proposal, before, has_p, live, *, spec: SdSpec):
 def speculate_tokens(t_graph, t_state, d_graph, d_state, state: dict, spec: SdSpec):
     """Rounds over every row in play (`active` and not `done`) until one of them finishes its
     chain, or none is left in play. `state` (`window_loop.start_rows`, `admit`; donated) holds
-    per row the
-    caches and `tokens [out_len]` (the first `n` real), `n`, and the counters `passes` (target
-    passes), `proposed` and `accepted` (tokens)."""
+    per row the caches and `tokens [out_len]` (the first `n` real), `n`, and the counters
+    `passes` (target passes), `proposed` and `accepted` (tokens)."""
     d_model = merge(d_graph, d_state)
     k, width = spec.k, spec.k + 1
     per_row = ("t_cache", "d_cache", "d_logits", "active")
@@ -157,6 +156,8 @@ def speculate_tokens(t_graph, t_state, d_graph, d_state, state: dict, spec: SdSp
         keep = has_p + kept
         t_cache = rollback(t_cache, t_start.length + keep, t_start.next_position + keep)
         d_cache = rollback(d_cache, d_start.length + keep, d_start.next_position + keep)
+        # The draft's logits stay those after the whole proposal: every row still in play has a
+        # pending token, which the next round feeds first, and that replaces them.
         return {
             **state,
             "t_cache": t_cache,
