@@ -6,8 +6,8 @@ On top, the run's summary (`<OUT>.summary.json`) and plots drawn as inline SVG; 
 record: its image(s) as data URIs, its question, its chain with each piece coloured by who
 wrote it (draft steps the judge refused struck through, just before the target's text that
 replaced them), the CPN p of every judged step, the latency, the prediction and the gold answer.
-Records do not name the input file they answer, so images and questions come from `--input`,
-by default serve.py's own DigitMath input next to the output when it is there.
+Images and questions come from the input file: `--input`, else the one the run's summary names,
+else serve.py's own DigitMath input next to the output when it is there.
 """
 
 from __future__ import annotations
@@ -310,10 +310,11 @@ def render_report(
     read: OutputFile,
     inputs: dict[str, dict | None],
     input_path: Path | None,
-    guessed: bool = False,
+    input_from: str = "",
 ) -> str:
     """The whole HTML page for `read`, the records of the output file at `output`; `inputs`
-    are the records of `input_path`, which `guessed` says was not named by the user."""
+    are the records of `input_path`, and `input_from` says where its name came from when the
+    user did not give it."""
     records = list(read.records.values())
     summary, summary_from = read_summary(output, records)
     settings = summary.get("settings")
@@ -355,12 +356,7 @@ def render_report(
         notes.append(
             f"Input: {html.escape(str(input_path))} ({len(inputs)} records"
             + (f"; {missing} ids of the output are not in it" if missing else "")
-            + (
-                "; serve.py's default input next to the output: the records do not name their"
-                " input, pass --input if the run read another file"
-                if guessed
-                else ""
-            )
+            + (f"; {html.escape(input_from)}" if input_from else "")
             + ")."
         )
     if summary.get("n") not in (None, len(records)):
@@ -399,12 +395,22 @@ def render_report(
 # ----------------------------------------------------------------------------- entry point
 
 
-def default_input(output: Path) -> Path | None:
-    """Where serve.py writes its DigitMath input when given none (`serve/main.py`'s
-    `default_input`): the records do not name the file they answer, so this is a guess that
-    holds for the default run only."""
+def default_input(output: Path) -> tuple[Path | None, str]:
+    """The input a run answered when --input names none, and where that came from: the file
+    its summary names (serve.py records it), else serve.py's own DigitMath input next to the
+    output (`serve/main.py`'s `default_input`) if it is there, a guess that holds for the
+    default run only."""
+    try:
+        named = json.loads(Path(f"{output}.summary.json").read_text(encoding="utf-8"))["input"]
+        if Path(named).is_file():
+            return Path(named), "named by the run's summary"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no summary, or one from before serve.py recorded its input
     path = output.resolve().parent / "digitmath-test" / "test.jsonl"
-    return path if path.is_file() else None
+    if path.is_file():
+        guess = "serve.py's default input next to the output; pass --input if the run read another"
+        return path, guess
+    return None, ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,9 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: warning: {args.output}: {line}", file=sys.stderr)
         if args.input is not None and not args.input.is_file():
             raise ReportError(f"{args.input}: no such input file")
-        input_path = args.input or default_input(args.output)
+        input_path, input_from = (args.input, "") if args.input else default_input(args.output)
         inputs = read_inputs(input_path) if input_path else {}
-        page = render_report(args.output, read, inputs, input_path, guessed=not args.input)
+        page = render_report(args.output, read, inputs, input_path, input_from)
         out = args.out or args.output.with_suffix(".html")
         try:
             out.write_text(page, encoding="utf-8")

@@ -137,7 +137,15 @@ def test_report_finds_servepy_default_input(tmp_path, run):
     (inputs.parent / "img" / "a.png").rename(default / "img" / "a.png")
     inputs.rename(default / "test.jsonl")
     page = _report(out)
-    assert "serve.py's default input" in page and "data:image/png" in page
+    assert "serve.py&#x27;s default input" in page and "data:image/png" in page
+
+
+def test_report_reads_the_input_its_summary_names(run):
+    out, inputs, _ = run
+    summary = out.with_name("out.jsonl.summary.json")
+    summary.write_text(json.dumps({**SUMMARY, "input": str(inputs)}))  # as serve.py writes it
+    page = _report(out)
+    assert "named by the run&#x27;s summary" in page and "data:image/png" in page
 
 
 @pytest.mark.parametrize("which", ["output", "input"])

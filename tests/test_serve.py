@@ -406,6 +406,9 @@ def test_serve_grades_each_answer_type(models, tmp_path, monkeypatch):
             assert record["correct"] is correct, record
     assert [by_id[f"r{i}"]["answer_type"] for i in range(3)] == ["choice", "choice", "number"]
     assert by_id["r5"]["answer_type"] == "text" and by_id["r5"]["prediction"] == "eiffel tower"
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert summary["input"] == str((tmp_path / "mixed.jsonl").resolve())
+    assert set(summary["provenance"]) == {"commit", "dirty", "command"}
 
 
 def test_the_warm_up_compiles_on_the_input_s_own_records(models, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from dreamr_jax.config.schema import ServeConfig
 from dreamr_jax.data import answers, digitmath
 from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.models.processor import process_images
+from dreamr_jax.provenance import provenance
 from dreamr_jax.serve.output import (
     OutputLock,
     check_settings,
@@ -315,6 +316,9 @@ def serve(
                 # sum of their latencies is no measure of speed.
                 throughput=solved / run_s if solved else None,
                 lines_moved=len(done.damaged),
+                # What the records answer and what produced them (the report reads the input)
+                input=str(Path(input_path).resolve()),
+                provenance=provenance(),
             )
             write_summary(cfg.output, summary)
     return summary
