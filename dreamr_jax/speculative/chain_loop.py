@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from dreamr_jax.models.generate import merge
 from dreamr_jax.models.kv_cache import KVCache, set_row
 from dreamr_jax.models.sampling import Sampling, sample
-from dreamr_jax.speculative.runner import feed_token
+from dreamr_jax.speculative.runner import feed_rows, until_a_row_finishes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,18 +84,13 @@ def decode_chains(graphdef, state_leaves, state: dict, spec: ChainSpec) -> dict:
         key, sub = jax.random.split(key)
         return sample(logits[None], sub, spec.sampling)[0], key
 
-    def cond(c):
-        return jnp.any(c["active"] & ~c["done"]) & ~jnp.any(c["active"] & c["done"])
-
     def body(c):
         live = c["active"] & ~c["done"]
         drawn, keys = jax.vmap(draw)(c["logits"], c["key"])
         token = jnp.where(live, drawn, -1)
         rows = jnp.arange(token.shape[0])
         tokens = c["tokens"].at[rows, jnp.where(live, c["n"], spec.out_len)].set(token, mode="drop")
-        cache, logits = feed_token(model, token, live, c["cache"], c["logits"])
-        # A row not in play took no slot (its length would grow with every token otherwise).
-        cache = dataclasses.replace(cache, length=c["cache"].length + live)
+        cache, logits = feed_rows(model, token, live, c["cache"], c["logits"])
         n, in_step = c["n"] + live, c["in_step"] + live
         step_ends = live & (jnp.isin(token, stop) | (in_step >= spec.max_step_tokens))
         ends_chain = step_ends & (jnp.isin(token, eos) | (n >= spec.max_new_tokens))
@@ -110,4 +105,4 @@ def decode_chains(graphdef, state_leaves, state: dict, spec: ChainSpec) -> dict:
             "done": c["done"] | ends_chain,
         }
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(until_a_row_finishes, body, state)

@@ -117,6 +117,20 @@ def feed_token(model, token, active, cache: KVCache, logits):
     return cache, jnp.where(active[:, None], model.logits(hidden[:, 0]), logits)
 
 
+def feed_rows(model, token, active, cache: KVCache, logits):
+    """`feed_token` where a row not `active` also takes no slot of its cache (its length would
+    grow with every call otherwise): the device loops over a batch of requests feed rows in
+    play only."""
+    fed, logits = feed_token(model, token, active, cache, logits)
+    return dataclasses.replace(fed, length=cache.length + active), logits
+
+
+def until_a_row_finishes(state: dict):
+    """The device loops' condition over a batch of rows (`state` with `active` and `done`
+    `[rows]`): a row is in play, and none has finished, whose row the host then refills."""
+    return jnp.any(state["active"] & ~state["done"]) & ~jnp.any(state["active"] & state["done"])
+
+
 @functools.partial(
     jax.jit,
     static_argnums=(0, 6, 7, 8, 9, 10),

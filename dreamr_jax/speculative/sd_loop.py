@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from dreamr_jax.models.generate import merge
 from dreamr_jax.models.kv_cache import rollback
-from dreamr_jax.speculative.runner import feed_token
+from dreamr_jax.speculative.runner import feed_rows, until_a_row_finishes
 from dreamr_jax.speculative.window_loop import step_boundaries, target_pass
 
 
@@ -115,24 +115,18 @@ def speculate_tokens(t_graph, t_state, d_graph, d_state, state: dict, spec: SdSp
     per_row = ("t_cache", "d_cache", "d_logits", "active")
     commit_rows = jax.vmap(functools.partial(_commit, spec=spec))
 
-    def cond(c):
-        return jnp.any(c["active"] & ~c["done"]) & ~jnp.any(c["active"] & c["done"])
-
     def propose(i, carry):
         d_cache, d_logits, proposal, live = carry
         token = jnp.where(live, jnp.argmax(d_logits, axis=-1).astype(jnp.int32), -1)
-        fed, d_logits = feed_token(d_model, token, live, d_cache, d_logits)
-        d_cache = dataclasses.replace(fed, length=d_cache.length + live)
+        d_cache, d_logits = feed_rows(d_model, token, live, d_cache, d_logits)
         return d_cache, d_logits, proposal.at[:, i].set(token), live
 
     def body(c):
         live = c["active"] & ~c["done"]
         has_p = (c["pending"] >= 0) & live
         d_start, t_start = c["d_cache"], c["t_cache"]
-        fed, d_logits = feed_token(
-            d_model, jnp.maximum(c["pending"], 0), has_p, d_start, c["d_logits"]
-        )
-        d_cache = dataclasses.replace(fed, length=d_start.length + has_p)
+        pending = jnp.maximum(c["pending"], 0)
+        d_cache, d_logits = feed_rows(d_model, pending, has_p, d_start, c["d_logits"])
         rows = live.shape[0]
         d_cache, d_logits, proposal, _ = jax.lax.fori_loop(
             0, k, propose, (d_cache, d_logits, jnp.full((rows, k), -1, jnp.int32), live)
@@ -166,4 +160,4 @@ def speculate_tokens(t_graph, t_state, d_graph, d_state, state: dict, spec: SdSp
             "active": c["active"],
         }
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(until_a_row_finishes, body, state)

@@ -57,7 +57,12 @@ from dreamr_jax.models.inputs import ModelInputs
 from dreamr_jax.models.kv_cache import KVCache, rollback, set_row
 from dreamr_jax.models.sampling import GREEDY
 from dreamr_jax.speculative.cpn import cpn_verdicts
-from dreamr_jax.speculative.runner import chunk_width, feed_token, generate_steps
+from dreamr_jax.speculative.runner import (
+    chunk_width,
+    feed_rows,
+    generate_steps,
+    until_a_row_finishes,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,18 +366,12 @@ def speculate(
     )
     per_row = ("t_cache", "d_cache", "d_logits", "active")
 
-    def cond(c):
-        finished = jnp.any(c["active"] & c["done"])
-        return jnp.any(c["active"] & ~c["done"]) & ~finished
-
     def body(c):
         live = c["active"] & ~c["done"]
         has_p = (c["pending"] >= 0) & live
         # The draft takes the target's token that ended the last window (nothing if none).
-        d_cache, d_logits = c["d_cache"], c["d_logits"]
-        d_start = d_cache.length
-        fed, d_logits = feed_token(d_model, jnp.maximum(c["pending"], 0), has_p, d_cache, d_logits)
-        d_cache = rollback(fed, d_start + has_p, fed.next_position)
+        pending = jnp.maximum(c["pending"], 0)
+        d_cache, d_logits = feed_rows(d_model, pending, has_p, c["d_cache"], c["d_logits"])
         drafted, ends, k, _, _, d_cache, d_after = generate_steps(
             d_graph,
             d_state,
@@ -417,4 +416,4 @@ def speculate(
             "active": c["active"],
         }
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(until_a_row_finishes, body, state)
