@@ -35,12 +35,14 @@ from jax.sharding import AbstractMesh, AxisType
 from dreamr_jax.config import ConfigError, load_config
 from dreamr_jax.config.schema import Config, ModelConfig, ServeConfig
 from dreamr_jax.models.hf_io import abstract_model, read_config
+from dreamr_jax.models.qwen3vl import as_dtype
 from dreamr_jax.parallel.mesh import AXES, resolve_axis_sizes
 from dreamr_jax.parallel.rules import logical_to_spec
+from dreamr_jax.serve.checkpoints import DEFAULT_DRAFT, DEFAULT_TARGET
 
 GIB = 2**30
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SHIPPED = {"target": "checkpoints/digitmath/target", "draft": "checkpoints/digitmath/draft"}
+# What `serve.py` loads when no path is given (absolute: the plan may run from any folder)
+SHIPPED = {"target": str(DEFAULT_TARGET), "draft": str(DEFAULT_DRAFT)}
 # Cache slots past the chain that a verification pass may write (the judge suffixes of a
 # window), as `Engine.max_len` adds them; a plan loads no tokenizer to count them.
 JUDGE_ROOM = 96
@@ -107,7 +109,7 @@ def cache_bytes(cfg: ModelConfig, rows: int, max_len: int, dtype: str, mesh=None
     t = cfg.text
     shape = (t.num_hidden_layers, rows, t.num_key_value_heads, max_len, t.head_dim)
     axes = (None, "cache_batch", "cache_kv_heads", None, None)
-    one = shard_bytes(shape, axes, mesh or abstract_mesh((1, 1, 1)), DTYPE_BYTES[dtype])
+    one = shard_bytes(shape, axes, mesh or abstract_mesh((1, 1, 1)), as_dtype(dtype).itemsize)
     return 2 * one + rows * max_len + 2 * rows * 4  # k, v; the validity mask; two counters
 
 
