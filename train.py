@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from dreamr_jax.parallel.distributed import initialize
+
+    initialize(cfg.distributed)  # before anything touches a device
     if cfg.stage == "sft":
         from dreamr_jax.train.sft import run_sft
 

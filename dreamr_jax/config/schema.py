@@ -279,6 +279,29 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Several hosts, one process each, joined by `jax.distributed` before any device is used.
+    Unset fields are found by JAX (TPU pods, SLURM, Open MPI, `JAX_COORDINATOR_ADDRESS`)."""
+
+    initialize: bool = False  # join the processes of a multi-host run (false: one process)
+    coordinator_address: str = ""  # host:port of process 0 ("" = found by JAX)
+    num_processes: int = 0  # processes in the run (0 = found by JAX)
+    process_id: int = -1  # this process's index, 0 .. num_processes - 1 (-1 = found by JAX)
+    timeout_s: int = 300  # seconds to wait for every process to join
+
+    def validate(self, prefix: str = "distributed") -> None:
+        if self.num_processes < 0:
+            _fail(f"{prefix}.num_processes", f"must be >= 0, got {self.num_processes}")
+        if self.process_id < -1 or (self.num_processes and self.process_id >= self.num_processes):
+            _fail(
+                f"{prefix}.process_id",
+                f"must be -1 or in [0, num_processes), got {self.process_id}",
+            )
+        if self.timeout_s <= 0:
+            _fail(f"{prefix}.timeout_s", f"must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and checkpointing of a training run."""
 
@@ -635,6 +658,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)  # the model trained
     mesh: MeshConfig = field(default_factory=MeshConfig)  # devices the run is sharded over
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # several hosts
     train: TrainConfig = field(default_factory=TrainConfig)  # optimiser and checkpoints
     data: DataConfig = field(default_factory=DataConfig)  # the training data
     prompt: PromptConfig = field(default_factory=PromptConfig)  # chat and judge-query format
@@ -651,6 +675,7 @@ class Config:
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
         self.mesh.validate("mesh")
+        self.distributed.validate("distributed")
         self.train.validate("train")
         self.data.validate("data")
         self.prompt.validate("prompt")

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dreamr_jax.config.schema import ModelConfig, TextConfig, VisionConfig
 from dreamr_jax.models.qwen3vl import Qwen3VL, as_dtype
 from dreamr_jax.models.safetensors_io import CheckpointTensors, save_file
+from dreamr_jax.parallel.distributed import is_primary, to_host
 from dreamr_jax.parallel.rules import variable_sharding
 
 # ----------------------------------------------------------------------------------- config
@@ -240,7 +241,9 @@ def load_pretrained(
         sharding = (
             variable_sharding(var, mesh)
             if mesh is not None
-            else NamedSharding(Mesh(np.array(jax.devices()[:1]), ("x",)), PartitionSpec())
+            # this process's first device: in a multi-host run the first global device is
+            # another host's
+            else NamedSharding(Mesh(np.array(jax.local_devices()[:1]), ("x",)), PartitionSpec())
         )
         var.set_value(
             jax.make_array_from_callback(
@@ -266,16 +269,20 @@ def save_pretrained(
     max_shard_bytes: int = 2 << 30,
 ) -> None:
     """Writes `model` as a Hugging Face checkpoint directory (config.json, generation_config.json,
-    safetensors, sharded with an index when larger than `max_shard_bytes`)."""
+    safetensors, sharded with an index when larger than `max_shard_bytes`). In a multi-host
+    run every process must call it; process 0 writes."""
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     out_dtype = as_dtype(dtype) if dtype is not None else model.dtype
     cfg = model.config
     tensors: dict[str, np.ndarray] = {}
     for p, var in _flat_params(nnx.state(model)):
         key, to_hf, _ = hf_weight(p, cfg.vision)
-        value = jax.device_get(var.get_value().astype(out_dtype))
-        tensors[key] = np.ascontiguousarray(to_hf(np.asarray(value)))
+        # Every process gathers (a collective), one writes.
+        value = to_host(var.get_value().astype(out_dtype))
+        tensors[key] = np.ascontiguousarray(to_hf(value))
+    if not is_primary():
+        return
+    os.makedirs(path, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for key in sorted(tensors):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.models.generate import merge, prefill
 from dreamr_jax.models.kv_cache import init_cache
+from dreamr_jax.parallel.distributed import to_host
 from dreamr_jax.rl.rollout import PromptRows, Rollouts
 from dreamr_jax.speculative.cpn import cpn_scores
 from dreamr_jax.speculative.runner import extend_tree, judge_tree
@@ -50,7 +51,7 @@ def score_steps(
     / negative words. `prompts`: the rollouts' prompt rows built for the target's config
     (`prompt_rows`). Reads the rollouts to the host once (the chunk's layout depends on their
     lengths)."""
-    tokens, lengths, step_ends, step_mask = jax.device_get(
+    tokens, lengths, step_ends, step_mask = to_host(
         (rollouts.tokens, rollouts.lengths, rollouts.step_ends, rollouts.step_mask)
     )
     steps = step_mask.sum(axis=1)

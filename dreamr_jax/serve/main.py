@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from dreamr_jax.config import ConfigError
 from dreamr_jax.config.schema import DEFAULT_ALPHA, ServeConfig
 from dreamr_jax.data import digitmath
+from dreamr_jax.parallel.distributed import spread_devices
 from dreamr_jax.parallel.mesh import make_mesh
 from dreamr_jax.serve.batch import serve
 from dreamr_jax.serve.checkpoints import (
@@ -85,20 +86,18 @@ def with_pair_alpha(cfg: ServeConfig) -> ServeConfig:
 
 def submeshes(cfg: ServeConfig) -> tuple[Mesh | None, Mesh | None]:
     """The draft's and the target's meshes (`parallel.*`): disjoint, each tensor-parallel over
-    its devices; (None, None) puts both models on the first device."""
+    its devices (in a multi-host run, an equal share of every host's where the counts allow);
+    (None, None) puts both models on the first device."""
     n_draft, n_target = cfg.parallel.draft_devices, cfg.parallel.target_devices
     if not n_draft:
         return None, None
-    devices = jax.devices()
-    if n_draft + n_target > len(devices):
+    if n_draft + n_target > jax.device_count():
         raise ConfigError(
             f"parallel.target_devices: {n_draft} + {n_target} devices asked for, "
-            f"{len(devices)} present"
+            f"{jax.device_count()} present"
         )
-    return (
-        make_mesh(1, 1, -1, devices=devices[:n_draft]),
-        make_mesh(1, 1, -1, devices=devices[n_draft : n_draft + n_target]),
-    )
+    draft_devices, target_devices = spread_devices(n_draft, n_target)
+    return make_mesh(1, 1, -1, devices=draft_devices), make_mesh(1, 1, -1, devices=target_devices)
 
 
 def build_engine(cfg: ServeConfig) -> Engine:

@@ -38,6 +38,7 @@ from dreamr_jax.config.schema import Config
 from dreamr_jax.data import digitmath
 from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.models.sampling import GREEDY, Sampling
+from dreamr_jax.parallel.distributed import is_primary, to_host
 from dreamr_jax.parallel.mesh import mesh_from_config
 from dreamr_jax.provenance import provenance
 from dreamr_jax.rl.registry import get
@@ -129,7 +130,8 @@ class SapoTrainer:
         for name in self.sapo.rewards:
             get("reward", name)
         os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        if is_primary():
+            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         delimiter = cfg.prompt.step_delimiter
         draft_runner = ModelRunner.create(draft.model, draft.tokenizer, delimiter)
         target_runner = ModelRunner.create(target.model, target.tokenizer, delimiter)
@@ -152,7 +154,11 @@ class SapoTrainer:
         self.step = 0
         self.reference_lengths: dict[int, int] = {}  # train problem index -> L_ref
         indices = grain.MapDataset.range(cfg.data.train_problems)
-        batches = batch_pipeline(indices, self.sapo.prompts, cfg.train.steps, cfg.seed)
+        # Every process draws the same prompts: rollouts are gathered to every host, which
+        # judges all of them alike, and the update splits the rows over the mesh.
+        batches = batch_pipeline(
+            indices, self.sapo.prompts, cfg.train.steps, cfg.seed, by_process=False
+        )
         self.iterator = batches.to_iter_dataset().__iter__()
         self.manager = checkpoint_manager(cfg.output_dir, cfg.train.keep_checkpoints)
         self.schedule = learning_rate_schedule(cfg.train)
@@ -163,7 +169,9 @@ class SapoTrainer:
         return {
             "params": self.params,
             "opt_state": self.opt_state,
-            "key": jax.random.key_data(self.key),
+            # On the host: a key on one device is a host-local array, which a multi-host
+            # checkpoint cannot hold.
+            "key": np.asarray(jax.random.key_data(self.key)),
             "step": np.asarray(self.step, np.int64),
         }
 
@@ -208,7 +216,7 @@ class SapoTrainer:
                 jax.random.key(0),
                 self.reference_spec,
             )
-            for i, n in zip(indices, np.asarray(chains.lengths), strict=True):
+            for i, n in zip(indices, to_host(chains.lengths), strict=True):
                 self.reference_lengths[int(i)] = int(n)
         return np.asarray([self.reference_lengths[int(i)] for i in indices], np.int32)
 
@@ -229,14 +237,14 @@ class SapoTrainer:
 
         started = time.perf_counter()
         rollouts = rollout(self.graphdef, self.params, draft_rows, key, self.spec)
-        rollouts = jax.device_get(rollouts)
+        rollouts = to_host(rollouts)
         rollout_s = time.perf_counter() - started
 
         started = time.perf_counter()
         scores = score_steps(
             self.target_graphdef, self.target_state, target_rows, rollouts, self.target.builder
         )
-        scores = jax.device_get(scores)
+        scores = to_host(scores)
         reference_lengths = np.repeat(self._lengths_of_reference(indices, target_prompts), group)
         score_s = time.perf_counter() - started
 
@@ -259,13 +267,15 @@ class SapoTrainer:
         advantages = get("advantage", sapo.advantage)(rewards, group)
 
         started = time.perf_counter()
-        reference_logprobs = token_logprobs(
-            self.graphdef,
-            self.reference,
-            draft_rows,
-            rollouts.tokens,
-            rollouts.completion_mask,
-            self.spec.sampling,
+        reference_logprobs = to_host(
+            token_logprobs(
+                self.graphdef,
+                self.reference,
+                draft_rows,
+                rollouts.tokens,
+                rollouts.completion_mask,
+                self.spec.sampling,
+            )
         )
         batch = update_batch(
             self.draft.model.config,
@@ -286,7 +296,7 @@ class SapoTrainer:
             place_batch(batch, self.mesh),
             mesh=self.mesh,
         )
-        update = jax.device_get(update)
+        update = to_host(update)
         update_s = time.perf_counter() - started
 
         mask = rollouts.step_mask
@@ -384,15 +394,16 @@ def _replicated_counters(opt_state, mesh):
 
 
 def sapo_trainer(cfg: Config) -> SapoTrainer:
-    """The trainer of a `sapo` config: the draft of `train.init_from` on the configured mesh, the
-    frozen target of `sapo.target`."""
+    """The trainer of a `sapo` config: the draft of `train.init_from` and the frozen target of
+    `sapo.target`, both on the configured mesh."""
     mesh = mesh_from_config(cfg.mesh)
     draft = load_checkpoint(cfg.train.init_from, cfg.prompt, dtype=cfg.dtype, mesh=mesh)
     if draft.model.config != cfg.model:
         raise ValueError(
             f"train.init_from: the model in {cfg.train.init_from} is not the configured `model`"
         )
-    target = load_checkpoint(cfg.sapo.target, cfg.prompt, dtype=cfg.dtype)
+    # The judge on the same mesh, sharded by the same rules (a 32B target fits no one device).
+    target = load_checkpoint(cfg.sapo.target, cfg.prompt, dtype=cfg.dtype, mesh=mesh)
     return SapoTrainer(cfg, draft, target, mesh)
 
 

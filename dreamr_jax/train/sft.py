@@ -20,6 +20,7 @@ from dreamr_jax.data.tokenizer import build_default_tokenizer, save_tokenizer
 from dreamr_jax.models.hf_io import load_pretrained, save_pretrained
 from dreamr_jax.models.init import init_model
 from dreamr_jax.models.processor import make_image_processor
+from dreamr_jax.parallel.distributed import is_primary
 from dreamr_jax.parallel.mesh import mesh_from_config
 from dreamr_jax.provenance import provenance
 from dreamr_jax.serve.checkpoints import load_checkpoint, weights_digest
@@ -36,8 +37,11 @@ def load_tokenizer(data: DataConfig):
 
 def export_checkpoint(model, tokenizer, processor, path: str) -> str:
     """Weights + config.json (safetensors), tokenizer and preprocessor config in one folder, the
-    layout transformers' `from_pretrained` and `dreamr_jax.load_pretrained` both read."""
+    layout transformers' `from_pretrained` and `dreamr_jax.load_pretrained` both read. Every
+    process of a multi-host run calls it (the weights are gathered); process 0 writes."""
     save_pretrained(model, path)
+    if not is_primary():
+        return path
     save_tokenizer(tokenizer, path)
     processor.save_pretrained(path)
     return path
@@ -149,6 +153,8 @@ def export_run(cfg: Config, model, tokenizer, processor, metrics: dict) -> dict:
     export_dir = cfg.export_dir or os.path.join(cfg.output_dir, "hf")
     export_checkpoint(model, tokenizer, processor, export_dir)
     metrics = {**metrics, "export_dir": export_dir}
+    if not is_primary():
+        return metrics
     # The run's resolved config and results travel with the weights (provenance).
     save_config(cfg, os.path.join(export_dir, "dreamr_train_config.yaml"))
     for path in (

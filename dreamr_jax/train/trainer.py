@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dreamr_jax.config.loader import save_config
@@ -32,7 +32,7 @@ from dreamr_jax.models.inputs import (
     pad_vision,
     prepare_inputs,
 )
-from dreamr_jax.parallel.rules import logical_to_spec
+from dreamr_jax.parallel.distributed import is_primary, local_batch_to_global
 from dreamr_jax.train.loss import next_token_loss
 from dreamr_jax.train.metrics import MetricsWriter
 from dreamr_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -41,11 +41,14 @@ Example = dict[str, np.ndarray]
 
 
 def batch_pipeline(
-    examples: grain.MapDataset, batch_size: int, steps: int, seed: int
+    examples: grain.MapDataset, batch_size: int, steps: int, seed: int, by_process: bool = True
 ) -> grain.MapDataset:
-    """Shards by process, repeats enough epochs for `steps` batches, shuffles by `seed`
-    (across epochs) and batches. Random access, so an iterator over it can be checkpointed."""
-    examples = examples[jax.process_index() :: jax.process_count()]
+    """Shards by process (each process reads its own `batch_size` examples a step; with
+    `by_process` False every process reads the same ones), repeats enough epochs for `steps`
+    batches, shuffles by `seed` (across epochs) and batches. Random access, so an iterator over
+    it can be checkpointed."""
+    if by_process:
+        examples = examples[jax.process_index() :: jax.process_count()]
     epochs = max(1, math.ceil(steps * batch_size / max(len(examples), 1)))
     return examples.repeat(epochs).shuffle(seed=seed).batch(batch_size, drop_remainder=True)
 
@@ -90,16 +93,9 @@ def collate(model_cfg, batch: Example) -> tuple[ModelInputs, np.ndarray]:
 
 
 def shard_batch(tree, mesh: Mesh | None):
-    """Places `[batch, ...]` arrays split over the batch mesh axes (when they divide)."""
-    if mesh is None:
-        return tree
-
-    def put(x):
-        x = np.asarray(x)
-        spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
-        return jax.device_put(x, NamedSharding(mesh, spec))
-
-    return jax.tree.map(put, tree)
+    """Places this process's `[batch, ...]` arrays (its shard of the data, `batch_pipeline`) as
+    one global batch split over the batch mesh axes."""
+    return tree if mesh is None else local_batch_to_global(tree, mesh)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
@@ -168,7 +164,8 @@ class Trainer:
     ):
         self.cfg, self.workdir, self.mesh = cfg, workdir, mesh
         os.makedirs(workdir, exist_ok=True)
-        save_config(cfg, os.path.join(workdir, "config.yaml"))
+        if is_primary():
+            save_config(cfg, os.path.join(workdir, "config.yaml"))
         self.graphdef, self.params = nnx.split(model)
         self.opt_state = make_optimizer(cfg.train).init(self.params)
         self.step = 0

@@ -1,0 +1,128 @@
+"""One process of the multi-host test (`test_multihost.py`): one SAPO update of the tiny draft
+and one batch of `dreamr` requests, both on the global 4-device mesh, written to `--out` by
+process 0. Run once as a single process with 4 CPU devices, and as two processes with 2 each
+joined by `jax.distributed`; the test compares what they write.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/multihost_worker.py \\
+        --pair DIR --out DIR --processes 2 --process-id 0 --port 12355
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))  # tiny_pair
+
+from dreamr_jax.config import load_config  # noqa: E402
+from dreamr_jax.config.schema import DistributedConfig, PromptConfig, SpecConfig  # noqa: E402
+from dreamr_jax.parallel.distributed import initialize, is_primary  # noqa: E402
+
+ROWS = 4
+PROBLEMS = 5
+
+
+def sapo_update(pair: str, out: str) -> dict:
+    """One SAPO update of the tiny draft over the whole mesh (fsdp), exported by process 0."""
+    from dreamr_jax.train.sapo import run_sapo
+
+    cfg = load_config(
+        "configs/digitmath/base.yaml",
+        [
+            "stage=sapo",
+            f"train.init_from={pair}/draft",
+            "model.text.num_hidden_layers=1",
+            "train.steps=1",
+            "train.warmup_steps=0",
+            "train.learning_rate=1e-2",
+            f"sapo.target={pair}/target",
+            "sapo.prompts=2",
+            "sapo.group_size=2",
+            "sapo.max_new_tokens=12",
+            "sapo.max_step_tokens=6",
+            "sapo.alpha=0.5",
+            "sapo.micro_batches=2",
+            "prompt.step_delimiter=e",
+            "eval.problems=1",
+            "eval.batch_size=1",
+            "eval.max_new_tokens=4",
+            f"output_dir={out}/sapo",
+        ],
+    )
+    metrics = run_sapo(cfg)
+    return {k: metrics[k] for k in ("loss", "reward", "kl", "grad_norm", "eval/accuracy")}
+
+
+def dreamr_batch(pair: str) -> list[list[int]]:
+    """Greedy `dreamr` at alpha 0.5 (window schedule, resume fallback: the device loop) over a
+    batch of ROWS rows, refilled as rows finish, both models' weights sharded over the whole
+    mesh (tensor parallel over all 4 devices, both processes' in a two-process run)."""
+    from tiny_pair import MIXED, with_judge
+
+    from dreamr_jax.data import digitmath
+    from dreamr_jax.data.digitmath import problem_image
+    from dreamr_jax.parallel.mesh import make_mesh
+    from dreamr_jax.serve.checkpoints import load_checkpoint
+    from dreamr_jax.speculative.batch import RowBatch
+    from dreamr_jax.speculative.engine import Engine
+
+    mesh = make_mesh(1, 1, -1)
+    target = load_checkpoint(f"{pair}/target", PromptConfig(), mesh=mesh)
+    draft = load_checkpoint(f"{pair}/draft", PromptConfig(), mesh=mesh)
+    spec = SpecConfig(
+        mode="dreamr",
+        alpha=0.5,
+        schedule="window",
+        fallback="resume",
+        max_new_tokens=24,
+        max_step_tokens=8,
+        draft_confidence=0.0,
+    )
+    engine = with_judge(Engine(target, draft, spec), MIXED)
+    problems = digitmath.generate_problems("test", PROBLEMS, 0)
+    batch, queue, solved = RowBatch(engine, ROWS), list(enumerate(problems)), {}
+    while queue or batch.busy:
+        while queue and batch.free:
+            i, p = queue.pop(0)
+            ids, inputs = engine.prompt(p.question, [problem_image(p)])
+            batch.admit(ids, inputs, i, time.perf_counter())
+        solved.update(batch.run())
+    return [list(map(int, solved[i].tokens)) for i in range(len(problems))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pair", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("--port", type=int, default=12355)
+    args = parser.parse_args()
+    initialize(
+        DistributedConfig(
+            initialize=args.processes > 1,
+            coordinator_address=f"localhost:{args.port}",
+            num_processes=args.processes,
+            process_id=args.process_id,
+            timeout_s=120,
+        )
+    )
+    import jax
+
+    assert jax.device_count() == 4, jax.devices()
+    started = time.perf_counter()
+    result = {"sapo": sapo_update(args.pair, args.out)}
+    middle = time.perf_counter()
+    result["dreamr"] = dreamr_batch(args.pair)
+    print(f"sapo {middle - started:.1f} s, dreamr {time.perf_counter() - middle:.1f} s", flush=True)
+    if is_primary():
+        with open(os.path.join(args.out, "result.json"), "w") as f:
+            json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
