@@ -245,11 +245,14 @@ def load_pretrained(
             # another host's
             else NamedSharding(Mesh(np.array(jax.local_devices()[:1]), ("x",)), PartitionSpec())
         )
+        # Each process reads only the slices its own devices hold (the callback runs once per
+        # addressable shard), and no copy is made where the checkpoint's dtype is the model's.
         var.set_value(
             jax.make_array_from_callback(
-                shape, sharding, lambda idx, a=array: np.asarray(a[idx]).astype(dtype)
+                shape, sharding, lambda idx, a=array: np.asarray(a[idx]).astype(dtype, copy=False)
             )
         )
+        tensors.release(key)
     unexpected = set(tensors.keys()) - expected_keys
     if cfg.tie_word_embeddings:
         unexpected.discard("lm_head.weight")

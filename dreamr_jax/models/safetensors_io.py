@@ -8,6 +8,7 @@ cannot represent.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -57,6 +58,16 @@ class SafetensorsFile:
         start, end = info["data_offsets"]
         raw = self._mmap[self._data_start + start : self._data_start + end]
         return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def release(self, key: str) -> None:
+        """Unmaps the pages of `key` that reading it mapped into this process (they stay in
+        the OS's file cache). Mapped pages count as the process's memory until the file is
+        closed, so a loader that reads tensor after tensor would otherwise hold the whole
+        checkpoint twice at its end: once mapped, once in the arrays made from it."""
+        start, end = self._header[key]["data_offsets"]
+        page = mmap.PAGESIZE
+        lo = (self._data_start + start) // page * page  # madvise takes page-aligned ranges
+        self._mmap._mmap.madvise(mmap.MADV_DONTNEED, lo, self._data_start + end - lo)
 
 
 def save_file(
@@ -122,3 +133,6 @@ class CheckpointTensors:
 
     def get(self, key: str) -> np.ndarray:
         return self._where[key].get(key)
+
+    def release(self, key: str) -> None:
+        self._where[key].release(key)
