@@ -151,6 +151,27 @@ def test_base_config_inheritance_and_precedence(tmp_path, monkeypatch):
     assert cfg.model.image_token_id == 508
 
 
+def test_a_list_of_bases_applies_in_order(tmp_path):
+    """A model preset, then a judge format, then the run's keys: later bases beat earlier ones,
+    the file beats them all, and an error names the base that set the bad value."""
+    write_yaml(tmp_path / "judge.yaml", {"seed": 3, "prompt": {"positive_words": ["Yes"]}})
+    write_yaml(tmp_path / "run.yaml", {"seed": 4, "dtype": "bfloat16"})
+    pair = write_yaml(
+        tmp_path / "pair.yaml",
+        {"base_config": [str(TINY), "judge.yaml", "run.yaml"], "dtype": "float16"},
+    )
+    cfg = load_config(str(pair))
+    assert cfg.model.text.vocab_size == 512  # the first base
+    assert cfg.prompt.positive_words == ("Yes",) and cfg.seed == 4  # run.yaml beats judge.yaml
+    assert cfg.dtype == "float16"  # the file beats its bases
+    write_yaml(tmp_path / "run.yaml", {"mesh": {"fsdp": 0}})
+    with pytest.raises(ConfigError, match=r"mesh\.fsdp: .*\(value from .*run\.yaml\)"):
+        load_config(str(pair))
+    write_yaml(tmp_path / "bad.yaml", {"base_config": ["judge.yaml", 3]})
+    with pytest.raises(ConfigError, match="base_config: expected a path"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
 def test_later_override_wins():
     cfg = load_tiny("mesh.fsdp=2", "mesh.fsdp=4", "model.vision.deepstack_visual_indexes=[0,1]")
     assert cfg.mesh.fsdp == 4
@@ -472,7 +493,8 @@ def test_every_committed_config_loads():
     configs = sorted((MODELS_DIR.parent).rglob("*.yaml"))
     assert len(configs) >= 10
     for path in configs:
-        load_config(str(path))  # raises, naming the file and key, on any invalid value
+        # raises, naming the file and key, on any invalid value
+        load_config(str(path), cls=ServeConfig if path.name.startswith("serve_") else Config)
 
 
 def test_the_shipped_sapo_draft_was_trained_by_its_committed_config():

@@ -1,10 +1,10 @@
 """MaxText-style YAML configuration: files with `base_config:` chains plus `key=value` overrides.
 
 A config is assembled from layers, lowest precedence first: the `base_config` chain of the
-file (deepest base first), the file itself, then each command-line override in order. Every layer
-is flattened to dotted keys so that a later layer replaces single leaves without disturbing their
-siblings (a deep merge), and each leaf remembers which file or override set it, so that every
-error can say where the bad value came from.
+file (deepest base first; a list of bases is applied in its order), the file itself, then each
+command-line override in order. Every layer is flattened to dotted keys so that a later layer
+replaces single leaves without disturbing their siblings (a deep merge), and each leaf remembers
+which file or override set it, so that every error can say where the bad value came from.
 
 The merged tree is then turned into the frozen dataclasses of `schema.py`, driven only by their
 type hints, so new sections (new dataclass fields) need no change here. Finally the dataclasses'
@@ -125,16 +125,19 @@ def _read_chain(path: str, chain: tuple[str, ...] = ()) -> list[tuple[dict[str, 
         raise ConfigError(f"{chain[-1]}: {BASE_CONFIG_KEY}: cycle in base configs: {cycle}")
     tree = _read_yaml(path, referrer=chain[-1] if chain else None)
     base = tree.pop(BASE_CONFIG_KEY, None)
+    # One base, or a list of them applied in order (a model preset, then a judge format, ...).
+    bases = base if isinstance(base, list) else [] if base is None else [base]
     layers: list[tuple[dict[str, Any], str]] = []
-    if base is not None:
-        if not isinstance(base, str) or not base.strip():
+    for one in bases:
+        if not isinstance(one, str) or not one.strip():
             raise ConfigError(
-                f"{path}: {BASE_CONFIG_KEY}: expected a path relative to this file, got {base!r}"
+                f"{path}: {BASE_CONFIG_KEY}: expected a path relative to this file (or a list "
+                f"of them), got {base!r}"
             )
         # Relative to the file that names it, not the working directory, so presets can be
         # loaded from anywhere.
-        base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
-        layers = _read_chain(base_path, (*chain, path))
+        base_path = os.path.normpath(os.path.join(os.path.dirname(path), one))
+        layers += _read_chain(base_path, (*chain, path))
     layers.append((tree, path))
     return layers
 
