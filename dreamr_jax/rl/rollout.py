@@ -30,6 +30,7 @@ from dreamr_jax.data.prompts import PromptBuilder
 from dreamr_jax.models.generate import merge, prefill
 from dreamr_jax.models.inputs import ModelInputs, pad_vision, prepare_inputs
 from dreamr_jax.models.kv_cache import init_cache
+from dreamr_jax.models.logits import over_positions
 from dreamr_jax.models.processor import process_images
 from dreamr_jax.models.sampling import Sampling, filter_logits, sample
 from dreamr_jax.speculative.runner import ModelRunner, feed_token
@@ -263,9 +264,13 @@ def _token_logprobs(graphdef, state, inputs, next_position, tokens, completion_m
         inputs.vision,
     )
     hidden, _ = model.hidden_states(sequence)
+
+    def picked(logits, token):  # [rows, c, vocab], [rows, c] -> [rows, c]
+        log_probs = sampling_log_probs(logits.reshape(-1, logits.shape[-1]), sampling)
+        return jnp.take_along_axis(log_probs, token.reshape(-1, 1), axis=1).reshape(token.shape)
+
     # Token j is predicted at the position before it: the prompt's last (left padding puts
-    # every row's there), then completion token j - 1.
-    logits = model.logits(hidden[:, width - 1 : width + length - 1])
-    log_probs = sampling_log_probs(logits.reshape(rows * length, -1), sampling)
-    picked = jnp.take_along_axis(log_probs, tokens.reshape(-1, 1), axis=1).reshape(rows, length)
-    return jnp.where(completion_mask, picked, 0.0)
+    # every row's there), then completion token j - 1. A chunk of positions at a time: the
+    # whole `[rows, length, vocab]` would be gigabytes on Qwen's vocabulary.
+    log_probs = over_positions(model, picked, hidden[:, width - 1 : width + length - 1], tokens)
+    return jnp.where(completion_mask, log_probs, 0.0)

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dreamr_jax.models.generate import StaticGraph, merge, prefill
 from dreamr_jax.models.inputs import ModelInputs, prepare_inputs
 from dreamr_jax.models.kv_cache import KVCache, init_cache, rollback
+from dreamr_jax.models.logits import greedy_tokens, logits_at
 from dreamr_jax.models.sampling import GREEDY, Sampling, filter_logits, sample
 
 
@@ -99,13 +100,13 @@ def extend_tree(
     )
     start = (cache.length, cache.next_position)
     hidden, cache = model.hidden_states(inputs, cache)
-    every = model.logits(hidden)  # `[batch, t, vocab]`: the greedy tokens need every position
-    logits = jnp.take_along_axis(every, gather[..., None], axis=1)
+    logits = logits_at(model, hidden, gather)
     half = gather.shape[1] // 2
-    greedy = jnp.argmax(
-        jnp.concatenate([logits_before[:, None].astype(every.dtype), every[:, :-1]], 1), axis=-1
-    )
-    return logits[:, :half], logits[:, half:], greedy.astype(jnp.int32), cache, start
+    # The greedy token before each chunk token: from the logits before the chunk for the first,
+    # else after the token in front of it (a chunk of positions at a time).
+    first = jnp.argmax(logits_before, axis=-1).astype(jnp.int32)[:, None]
+    greedy = jnp.concatenate([first, greedy_tokens(model, hidden[:, :-1])], axis=1)
+    return logits[:, :half], logits[:, half:], greedy, cache, start
 
 
 def feed_token(model, token, active, cache: KVCache, logits):

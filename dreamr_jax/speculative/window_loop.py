@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from dreamr_jax.models.generate import merge
 from dreamr_jax.models.inputs import ModelInputs
 from dreamr_jax.models.kv_cache import KVCache, rollback, set_row
+from dreamr_jax.models.logits import greedy_tokens, logits_at
 from dreamr_jax.models.sampling import GREEDY
 from dreamr_jax.speculative.cpn import cpn_verdicts
 from dreamr_jax.speculative.runner import (
@@ -148,10 +149,11 @@ def target_pass(
         None if seen is None else seen[:, :width, :width],
     )
     hidden, cache = model.hidden_states(inputs, cache)
-    logits = model.logits(hidden)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # Every position's greedy token, a chunk of positions at a time; whole logits only at the
+    # positions gathered.
+    greedy = greedy_tokens(model, hidden)
     greedy = jnp.pad(greedy, ((0, 0), (0, tokens.shape[1] - width)), constant_values=-1)
-    picked = None if gather is None else jnp.take_along_axis(logits, gather[..., None], axis=1)
+    picked = None if gather is None else logits_at(model, hidden, gather)
     return greedy, picked, cache
 
 
