@@ -35,6 +35,7 @@ from jax.sharding import AbstractMesh, AxisType
 from dreamr_jax.config import ConfigError, load_config
 from dreamr_jax.config.schema import Config, ModelConfig, ServeConfig
 from dreamr_jax.models.hf_io import abstract_model, read_config
+from dreamr_jax.models.logits import POSITIONS_PER_CHUNK
 from dreamr_jax.models.qwen3vl import as_dtype
 from dreamr_jax.parallel.mesh import AXES, resolve_axis_sizes
 from dreamr_jax.parallel.rules import logical_to_spec
@@ -113,16 +114,25 @@ def cache_bytes(cfg: ModelConfig, rows: int, max_len: int, dtype: str, mesh=None
     return 2 * one + rows * max_len + 2 * rows * 4  # k, v; the validity mask; two counters
 
 
-def activation_bytes(cfg: ModelConfig, rows: int, seq: int, mesh, backward: bool) -> int:
-    """Estimated activations of a forward pass over `rows` x `seq` tokens (all layers' kept for
-    the backward pass if `backward`, else one layer's at a time), and its float32 logits."""
+def activation_bytes(
+    cfg: ModelConfig, rows: int, seq: int, mesh, backward: bool, remat: bool = False
+) -> int:
+    """Estimated activations of a forward pass over `rows` x `seq` tokens: with `backward`
+    every layer's kept for the backward pass (with `remat` each layer's input only, plus one
+    layer's inner activations while it is recomputed), else one layer's at a time; and the
+    float32 logits of one chunk of positions (`models/logits.py`; twice for a backward pass)."""
     t = cfg.text
-    tokens = math.ceil(rows / (mesh.shape["data"] * mesh.shape["fsdp"])) * seq
+    rows_here = math.ceil(rows / (mesh.shape["data"] * mesh.shape["fsdp"]))
+    tokens = rows_here * seq
     per_layer = tokens * (8 * t.hidden_size + 3 * t.intermediate_size) * 4
     scores = tokens * seq * t.num_attention_heads * 4 // mesh.shape["tensor"]
-    layers = t.num_hidden_layers if backward else 1
-    logits = tokens * t.vocab_size * 4 * (2 if backward else 1) // mesh.shape["tensor"]
-    return layers * (per_layer + scores) + logits
+    if backward and remat:
+        kept = t.num_hidden_layers * tokens * t.hidden_size * 4 + per_layer + scores
+    else:
+        kept = (t.num_hidden_layers if backward else 1) * (per_layer + scores)
+    positions = rows_here * min(seq, POSITIONS_PER_CHUNK)
+    logits = positions * t.vocab_size * 4 * (2 if backward else 1) // mesh.shape["tensor"]
+    return kept + logits
 
 
 def train_plan(cfg: Config, devices: int) -> list[Group]:
@@ -149,7 +159,7 @@ def train_plan(cfg: Config, devices: int) -> list[Group]:
             Part("rollout KV cache", cache_bytes(cfg.model, rows, seq, cfg.dtype, mesh), False),
             Part(
                 "activations of the update",
-                activation_bytes(cfg.model, rows // s.micro_batches, seq, mesh, True),
+                activation_bytes(cfg.model, rows // s.micro_batches, seq, mesh, True, s.remat),
                 False,
             ),
             Part(

@@ -180,6 +180,32 @@ def test_micro_batches_add_up_to_the_one_batch_step_on_a_sharded_draft(setup, sg
     assert abs(np.mean(means) - one_metrics["loss"]) > 1e-3
 
 
+def test_remat_takes_the_same_step(setup, sgd_step):
+    """The backward pass that recomputes each decoder layer from its input gives the step that
+    keeps every activation."""
+    params = _fresh(setup["params"])
+    new, _, metrics = sapo_update(
+        setup["graphdef"],
+        SGD,
+        dataclasses.replace(CONFIG, remat=True),
+        params,
+        init_optimizer_state(SGD, params),
+        _batch(setup),
+    )
+    one_new, one_metrics = sgd_step
+    _assert_trees_close(jax.device_get(new), one_new)
+    np.testing.assert_allclose(metrics["grad_norm"], one_metrics["grad_norm"], rtol=1e-5)
+    # and it is a rematerialised pass: one checkpointed region a decoder layer
+    s = setup
+    jaxpr = jax.make_jaxpr(
+        lambda p: token_logprobs(
+            s["graphdef"], p, s["rows"], s["tokens"], s["mask"], CONFIG.sampling, True
+        )
+    )(s["params"])
+    layers = nnx.merge(s["graphdef"], s["params"]).config.text.num_hidden_layers
+    assert str(jaxpr).count("remat") == layers
+
+
 def _micro_loss(s, rows: slice) -> float:
     mask = s["mask"][rows]
     loss, _ = grpo_loss(

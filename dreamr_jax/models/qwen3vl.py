@@ -55,13 +55,17 @@ class Qwen3VL(nnx.Module):
         return self.visual(vision)
 
     def hidden_states(
-        self, inputs: ModelInputs, cache: KVCache | None = None
+        self, inputs: ModelInputs, cache: KVCache | None = None, *, remat: bool = False
     ) -> tuple[jax.Array, KVCache | None]:
         """Final normed hidden states `[batch, t, hidden]`, and the cache with this chunk added.
 
         Without a cache the chunk attends causally to itself. With one, its tokens go to slots
-        `cache.length[b] ...` of each row and attend to every valid earlier slot.
+        `cache.length[b] ...` of each row and attend to every valid earlier slot. With `remat`
+        (training, no cache), a backward pass keeps only each decoder layer's input and
+        recomputes the layer's inner activations from it.
         """
+        if remat and cache is not None:
+            raise ValueError("remat is for training passes, which have no cache")
         cfg, text = self.config, self.language_model
         ids, token_mask = inputs.input_ids, inputs.attention_mask.astype(bool)
         x = text.embed_tokens(ids)
@@ -108,6 +112,8 @@ class Qwen3VL(nnx.Module):
         def attend_in_chunk(q, k, v):  # keys `[batch, t, kv_heads, head_dim]`: to heads first
             return attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
 
+        # (No cache under remat: every layer attends within the chunk.)
+        remat_layer = nnx.remat(lambda layer, x: layer(x, cos, sin, attend_in_chunk))
         for i, layer in enumerate(text.layers):
             attend = attend_in_chunk
             if cache is not None:
@@ -122,7 +128,7 @@ class Qwen3VL(nnx.Module):
                     new_v = new_v.at[at].set(v.astype(new_v.dtype), mode="drop")
                     return attention_upto(q, new_k, new_v, mask, extent, i)
 
-            x = layer(x, cos, sin, attend)
+            x = remat_layer(layer, x) if remat else layer(x, cos, sin, attend)
             if deepstack is not None and i < deepstack.shape[0]:
                 feature = deepstack[i][gather].astype(x.dtype)
                 x = x + jnp.where(is_image[..., None], feature, 0)

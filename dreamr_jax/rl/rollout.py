@@ -236,19 +236,30 @@ def token_logprobs(
     tokens: jax.Array,
     completion_mask: jax.Array,
     sampling: Sampling,
+    remat: bool = False,
 ) -> jax.Array:
     """Log-probabilities `[rows, T]` float32 of completion `tokens` `[rows, T]` after each row's
     prompt (`prompts` built for this model's config) under the model `(graphdef, state)`, in the
     distribution `sampling` draws from (`sampling_log_probs`); 0 where `completion_mask` `[rows,
     T]` is False. Teacher-forced: one forward pass over prompt + completion, no cache, so it is
-    differentiable in `state` (the policy inside `jax.grad`; the frozen reference outside it)."""
+    differentiable in `state` (the policy inside `jax.grad`; the frozen reference outside it);
+    with `remat` its backward pass recomputes each decoder layer's activations."""
     return _token_logprobs(
-        graphdef, state, prompts.inputs, prompts.next_position, tokens, completion_mask, sampling
+        graphdef,
+        state,
+        prompts.inputs,
+        prompts.next_position,
+        tokens,
+        completion_mask,
+        sampling,
+        remat,
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _token_logprobs(graphdef, state, inputs, next_position, tokens, completion_mask, sampling):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _token_logprobs(
+    graphdef, state, inputs, next_position, tokens, completion_mask, sampling, remat
+):
     model = merge(graphdef, state)
     rows, width = inputs.input_ids.shape
     length = tokens.shape[1]
@@ -263,7 +274,7 @@ def _token_logprobs(graphdef, state, inputs, next_position, tokens, completion_m
         positions.astype(jnp.int32),
         inputs.vision,
     )
-    hidden, _ = model.hidden_states(sequence)
+    hidden, _ = model.hidden_states(sequence, remat=remat)
 
     def picked(logits, token):  # [rows, c, vocab], [rows, c] -> [rows, c]
         log_probs = sampling_log_probs(logits.reshape(-1, logits.shape[-1]), sampling)

@@ -49,12 +49,15 @@ class UpdateConfig:
     policy_loss: a name in the `policy_loss` registry; it gets `epsilon` and `beta` as keywords.
     sampling: the distribution the rollouts were drawn from; the policy's log-probs are taken in
         it (`token_logprobs`), as the old and reference ones must be.
+    remat: the backward pass recomputes each decoder layer's activations from its input
+        instead of keeping them (memory for compute; the gradient is the same).
     """
 
     policy_loss: str = "grpo"
     epsilon: float = 0.2
     beta: float = 1e-3
     sampling: Sampling = Sampling(temperature=1.0)
+    remat: bool = False
 
 
 @jax.tree_util.register_dataclass
@@ -200,7 +203,7 @@ def sapo_update(
     def weighted_loss(p, micro: UpdateBatch):
         rows = PromptRows(micro.inputs, micro.next_position, group_size=1)
         policy = token_logprobs(
-            graphdef, p, rows, micro.tokens, micro.completion_mask, config.sampling
+            graphdef, p, rows, micro.tokens, micro.completion_mask, config.sampling, config.remat
         )
         loss, metrics = policy_loss(
             policy,

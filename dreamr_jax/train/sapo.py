@@ -140,7 +140,7 @@ class SapoTrainer:
         self.spec = RolloutSpec.of(draft_runner, *budget, sampling)
         self.reference_spec = RolloutSpec.of(target_runner, *budget, GREEDY)
         self.update_config = UpdateConfig(
-            self.sapo.policy_loss, self.sapo.epsilon, self.sapo.beta, sampling
+            self.sapo.policy_loss, self.sapo.epsilon, self.sapo.beta, sampling, self.sapo.remat
         )
         self.alpha = pair_alpha(target.path, draft.path, self.sapo.alpha)
         self.graphdef, self.params = nnx.split(draft.model)
