@@ -140,6 +140,10 @@ class TextConfig:
     max_position_embeddings: int = 4096
     hidden_act: str = "silu"  # MLP activation; only "silu"
     attention_bias: bool = False  # biases on the attention's q/k/v/o projections
+    # The decoder layers as one stacked block run by `lax.scan` (compile time flat in depth;
+    # checkpoints keep one tensor a layer), or a Python loop over layers (default: the
+    # fastest on small models). Not part of the architecture: no Hugging Face config holds it.
+    scan_layers: bool = False
 
     def validate(self, prefix: str = "text") -> None:
         for name in (
@@ -704,6 +708,9 @@ class ModelRef:
 
     path: str = ""  # "" = checkpoints/digitmath/target (or .../draft for `draft`)
     dtype: str = "float32"  # dtype the weights are loaded in: float32, bfloat16 or float16
+    # decoder layers stacked and run by lax.scan (model.text.scan_layers): compile time flat in
+    # depth, for deep models; the default loop is the faster on small ones
+    scan_layers: bool = False
 
     def validate(self, prefix: str) -> None:
         _check_dtype(f"{prefix}.dtype", self.dtype)

@@ -7,6 +7,7 @@ full copy of a sharded weight.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -179,6 +180,16 @@ def _flat_params(state: nnx.State):
     return [(path, var) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)]
 
 
+def _checkpoint_parts(path: tuple, cfg: ModelConfig) -> tuple[bool, list]:
+    """Whether the parameter at NNX `path` is stacked decoder layers (`text.scan_layers`,
+    `[layers, ...]`), and `hf_weight` of every checkpoint tensor behind it: one a layer, in
+    layer order, if so, else one."""
+    if cfg.text.scan_layers and [str(p) for p in path[:2]] == ["language_model", "layers"]:
+        layers = range(cfg.text.num_hidden_layers)
+        return True, [hf_weight((*path[:2], i, *path[2:]), cfg.vision) for i in layers]
+    return False, [hf_weight(path, cfg.vision)]
+
+
 # ---------------------------------------------------------------------------------- loading
 
 
@@ -210,34 +221,43 @@ def abstract_model(cfg: ModelConfig, dtype="float32") -> Qwen3VL:
 
 
 def load_pretrained(
-    path: str | os.PathLike, *, dtype="float32", mesh: Mesh | None = None
+    path: str | os.PathLike,
+    *,
+    dtype="float32",
+    mesh: Mesh | None = None,
+    scan_layers: bool = False,
 ) -> Qwen3VL:
     """Loads a local Hugging Face Qwen3-VL checkpoint directory (config.json + safetensors,
     single or sharded) into a `Qwen3VL` whose parameters are sharded on `mesh` by the logical
-    rules (one device if `mesh` is None). Every tensor's shape is checked against the config."""
+    rules (one device if `mesh` is None), its decoder layers stacked for `lax.scan` with
+    `scan_layers`. Every tensor's shape is checked against the config."""
     path = os.fspath(path)
     cfg = read_config(path)
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, scan_layers=scan_layers))
     dtype = as_dtype(dtype)
     tensors = CheckpointTensors(path)
     model = abstract_model(cfg, dtype)
     graphdef, state = nnx.split(model)
     expected_keys = set()
     for p, var in _flat_params(state):
-        key, to_hf, from_hf = hf_weight(p, cfg.vision)
-        expected_keys.add(key)
+        stacked, parts = _checkpoint_parts(p, cfg)
         shape = var.get_value().shape
-        if key not in tensors:
-            raise KeyError(f"{path}: checkpoint has no tensor {key!r} (needed for shape {shape})")
-        hf_shape = tensors.shape(key)
-        # Compare in checkpoint layout before converting: a reshape of a wrong-sized tensor
-        # would fail inside NumPy with a message that does not name the key.
-        want_hf_shape = to_hf(np.empty(shape, np.bool_)).shape
-        if hf_shape != want_hf_shape:
-            raise ValueError(
-                f"{path}: tensor {key!r} has shape {list(hf_shape)}, the config "
-                f"needs {list(want_hf_shape)}"
-            )
-        array = from_hf(tensors.get(key))
+        arrays = []
+        for key, to_hf, from_hf in parts:
+            expected_keys.add(key)
+            if key not in tensors:
+                raise KeyError(
+                    f"{path}: checkpoint has no tensor {key!r} (needed for shape {shape})"
+                )
+            # Compare in checkpoint layout before converting: a reshape of a wrong-sized tensor
+            # would fail inside NumPy with a message that does not name the key.
+            want_hf_shape = to_hf(np.empty(shape[1:] if stacked else shape, np.bool_)).shape
+            if tensors.shape(key) != want_hf_shape:
+                raise ValueError(
+                    f"{path}: tensor {key!r} has shape {list(tensors.shape(key))}, the config "
+                    f"needs {list(want_hf_shape)}"
+                )
+            arrays.append(from_hf(tensors.get(key)))
         sharding = (
             variable_sharding(var, mesh)
             if mesh is not None
@@ -245,14 +265,18 @@ def load_pretrained(
             # another host's
             else NamedSharding(Mesh(np.array(jax.local_devices()[:1]), ("x",)), PartitionSpec())
         )
+
         # Each process reads only the slices its own devices hold (the callback runs once per
         # addressable shard), and no copy is made where the checkpoint's dtype is the model's.
-        var.set_value(
-            jax.make_array_from_callback(
-                shape, sharding, lambda idx, a=array: np.asarray(a[idx]).astype(dtype, copy=False)
-            )
-        )
-        tensors.release(key)
+        def read(idx, arrays=arrays, stacked=stacked):
+            if stacked:  # idx[0] picks layers, the rest slices each layer's tensor
+                picked = arrays[idx[0]]
+                return np.stack([np.asarray(a[idx[1:]]) for a in picked]).astype(dtype)
+            return np.asarray(arrays[0][idx]).astype(dtype, copy=False)
+
+        var.set_value(jax.make_array_from_callback(shape, sharding, read))
+        for key, _, _ in parts:
+            tensors.release(key)
     unexpected = set(tensors.keys()) - expected_keys
     if cfg.tie_word_embeddings:
         unexpected.discard("lm_head.weight")
@@ -279,10 +303,11 @@ def save_pretrained(
     cfg = model.config
     tensors: dict[str, np.ndarray] = {}
     for p, var in _flat_params(nnx.state(model)):
-        key, to_hf, _ = hf_weight(p, cfg.vision)
+        stacked, parts = _checkpoint_parts(p, cfg)
         # Every process gathers (a collective), one writes.
         value = to_host(var.get_value().astype(out_dtype))
-        tensors[key] = np.ascontiguousarray(to_hf(value))
+        for (key, to_hf, _), one in zip(parts, value if stacked else [value], strict=True):
+            tensors[key] = np.ascontiguousarray(to_hf(one))
     if not is_primary():
         return
     os.makedirs(path, exist_ok=True)

@@ -112,26 +112,56 @@ class Qwen3VL(nnx.Module):
         def attend_in_chunk(q, k, v):  # keys `[batch, t, kv_heads, head_dim]`: to heads first
             return attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
 
-        # (No cache under remat: every layer attends within the chunk.)
-        remat_layer = nnx.remat(lambda layer, x: layer(x, cos, sin, attend_in_chunk))
-        for i, layer in enumerate(text.layers):
-            attend = attend_in_chunk
-            if cache is not None:
+        def add_deepstack(x, i):
+            """DeepStack: visual features of the ViT's middle blocks added to the image tokens'
+            hidden states after the first decoder layers (layer `i`: an int, or traced in a
+            scan, where every layer gathers and the later ones add zeros)."""
+            if deepstack is None or (isinstance(i, int) and i >= deepstack.shape[0]):
+                return x
+            if isinstance(i, int):
+                return x + jnp.where(is_image[..., None], deepstack[i][gather].astype(x.dtype), 0)
+            feature = deepstack[jnp.minimum(i, deepstack.shape[0] - 1)][gather].astype(x.dtype)
+            return x + jnp.where(is_image[..., None] & (i < deepstack.shape[0]), feature, 0)
 
-                def attend(q, k, v, i=i):
-                    # One scatter into the stacked (donated) cache: XLA updates it in place,
-                    # where slicing out layer i and writing it back copied the whole layer.
-                    # (Indices split by a slice: the update is `[batch, t, kv_heads, head_dim]`.)
-                    nonlocal new_k, new_v
-                    at = (i, rows, slice(None), query_slot)
-                    new_k = new_k.at[at].set(k.astype(new_k.dtype), mode="drop")
-                    new_v = new_v.at[at].set(v.astype(new_v.dtype), mode="drop")
-                    return attention_upto(q, new_k, new_v, mask, extent, i)
+        def run_layer(layer, i, x, k, v):
+            """Decoder layer `i` on x; with a cache, its keys and values written into k, v."""
+            if cache is None:
+                return add_deepstack(layer(x, cos, sin, attend_in_chunk), i), k, v
+            written = {}
 
-            x = remat_layer(layer, x) if remat else layer(x, cos, sin, attend)
-            if deepstack is not None and i < deepstack.shape[0]:
-                feature = deepstack[i][gather].astype(x.dtype)
-                x = x + jnp.where(is_image[..., None], feature, 0)
+            def attend(q, new_keys, new_values):
+                # One scatter into the stacked (donated) cache: XLA updates it in place, where
+                # slicing out layer i and writing it back copied the whole layer. (Indices split
+                # by a slice: the update is `[batch, t, kv_heads, head_dim]`.)
+                at = (i, rows, slice(None), query_slot)
+                written["k"] = k.at[at].set(new_keys.astype(k.dtype), mode="drop")
+                written["v"] = v.at[at].set(new_values.astype(v.dtype), mode="drop")
+                return attention_upto(q, written["k"], written["v"], mask, extent, i)
+
+            x = layer(x, cos, sin, attend)
+            return add_deepstack(x, i), written["k"], written["v"]
+
+        if cache is None:
+            new_k = new_v = None
+        if cfg.text.scan_layers:
+            graphdef, stacked = nnx.split(text.layers)
+
+            def body(carry, per_layer):
+                layer_state, i = per_layer
+                return run_layer(nnx.merge(graphdef, layer_state), i, *carry), None
+
+            if remat:  # (no cache under remat) each turn keeps its input, recomputes the rest
+                body = jax.checkpoint(body, prevent_cse=False)
+            layers = jnp.arange(cfg.text.num_hidden_layers)
+            (x, new_k, new_v), _ = jax.lax.scan(body, (x, new_k, new_v), (stacked, layers))
+        else:
+            # (No cache under remat: every layer attends within the chunk.)
+            remat_layer = nnx.remat(lambda layer, x: layer(x, cos, sin, attend_in_chunk))
+            for i, layer in enumerate(text.layers):
+                if remat:
+                    x = add_deepstack(remat_layer(layer, x), i)
+                else:
+                    x, new_k, new_v = run_layer(layer, i, x, new_k, new_v)
 
         if cache is not None:
             chunk_max = jnp.max(jnp.where(token_mask, inputs.positions.max(0), -1), axis=1)

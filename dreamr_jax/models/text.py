@@ -149,7 +149,21 @@ class TextModel(nnx.Module):
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype, rngs=rngs
         )
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
-        )
+        # Made one by one in both layouts, so a seed gives the same weights either way.
+        layers = [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+        self.layers = stack_layers(layers) if cfg.scan_layers else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+
+
+def stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One `DecoderLayer` whose every parameter is the layers' stacked `[layers, ...]`, its
+    logical axes led by `layers` (`lax.scan` runs it, one layer a turn)."""
+    graphdef, _ = nnx.split(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in layers))
+
+    def lead(variable):
+        axes = variable.get_metadata().get("axes")
+        return variable.replace(axes=("layers", *axes)) if axes is not None else variable
+
+    stacked = jax.tree.map(lead, stacked, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, stacked)

@@ -29,6 +29,7 @@ LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
     "mlp": "tensor",
     "head_dim": None,
     "norm": None,
+    "layers": None,  # the stacked decoder layers' leading axis (`text.scan_layers`)
     # Vision tower weights.
     "vit_embed": "fsdp",
     "vit_qkv": "tensor",  # 3 * hidden, flattened

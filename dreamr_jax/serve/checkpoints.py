@@ -39,13 +39,19 @@ class LoadedModel:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, prompt: PromptConfig | None = None, *, dtype="float32", mesh=None
+    path: str | os.PathLike,
+    prompt: PromptConfig | None = None,
+    *,
+    dtype="float32",
+    mesh=None,
+    scan_layers: bool = False,
 ) -> LoadedModel:
-    """Model, tokenizer, image processor and prompt builder of a checkpoint folder."""
+    """Model (`load_pretrained`), tokenizer, image processor and prompt builder of a checkpoint
+    folder."""
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: not a checkpoint folder (no config.json)")
-    model = load_pretrained(path, dtype=dtype, mesh=mesh)
+    model = load_pretrained(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         processor = Qwen2VLImageProcessorPil.from_pretrained(path)

@@ -103,12 +103,20 @@ def submeshes(cfg: ServeConfig) -> tuple[Mesh | None, Mesh | None]:
 def build_engine(cfg: ServeConfig) -> Engine:
     draft_mesh, target_mesh = submeshes(cfg)
     target = load_checkpoint(
-        cfg.target.path or DEFAULT_TARGET, cfg.prompt, dtype=cfg.target.dtype, mesh=target_mesh
+        cfg.target.path or DEFAULT_TARGET,
+        cfg.prompt,
+        dtype=cfg.target.dtype,
+        mesh=target_mesh,
+        scan_layers=cfg.target.scan_layers,
     )
     draft = None
     if cfg.spec.mode != "target":
         draft = load_checkpoint(
-            cfg.draft.path or DEFAULT_DRAFT, cfg.prompt, dtype=cfg.draft.dtype, mesh=draft_mesh
+            cfg.draft.path or DEFAULT_DRAFT,
+            cfg.prompt,
+            dtype=cfg.draft.dtype,
+            mesh=draft_mesh,
+            scan_layers=cfg.draft.scan_layers,
         )
     return Engine(target, draft, cfg.spec, seed=cfg.seed)
 

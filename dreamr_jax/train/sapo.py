@@ -397,13 +397,18 @@ def sapo_trainer(cfg: Config) -> SapoTrainer:
     """The trainer of a `sapo` config: the draft of `train.init_from` and the frozen target of
     `sapo.target`, both on the configured mesh."""
     mesh = mesh_from_config(cfg.mesh)
-    draft = load_checkpoint(cfg.train.init_from, cfg.prompt, dtype=cfg.dtype, mesh=mesh)
+    scan = cfg.model.text.scan_layers  # the target's layers run as the draft's do
+    draft = load_checkpoint(
+        cfg.train.init_from, cfg.prompt, dtype=cfg.dtype, mesh=mesh, scan_layers=scan
+    )
     if draft.model.config != cfg.model:
         raise ValueError(
             f"train.init_from: the model in {cfg.train.init_from} is not the configured `model`"
         )
     # The judge on the same mesh, sharded by the same rules (a 32B target fits no one device).
-    target = load_checkpoint(cfg.sapo.target, cfg.prompt, dtype=cfg.dtype, mesh=mesh)
+    target = load_checkpoint(
+        cfg.sapo.target, cfg.prompt, dtype=cfg.dtype, mesh=mesh, scan_layers=scan
+    )
     return SapoTrainer(cfg, draft, target, mesh)
 
 

@@ -117,7 +117,9 @@ def initial_model(cfg: Config, mesh):
     """A random init (seed `seed`), or the weights of `train.init_from` to fine-tune."""
     if not cfg.train.init_from:
         return init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, mesh=mesh)
-    model = load_pretrained(cfg.train.init_from, dtype=cfg.dtype, mesh=mesh)
+    model = load_pretrained(
+        cfg.train.init_from, dtype=cfg.dtype, mesh=mesh, scan_layers=cfg.model.text.scan_layers
+    )
     if model.config != cfg.model:
         raise ValueError(
             f"train.init_from: the model in {cfg.train.init_from} is not the configured `model` "
