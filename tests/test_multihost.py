@@ -29,13 +29,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(pair: str, out: str, processes: int) -> dict:
-    """The worker as `processes` processes with 4 / processes CPU devices each; process 0's
-    result."""
+def _start(pair: str, out: str, processes: int) -> list[subprocess.Popen]:
+    """The worker as `processes` processes with 4 / processes CPU devices each."""
     os.makedirs(out)
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // processes}"}
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             [sys.executable, WORKER, "--pair", pair, "--out", out]
             + ["--processes", str(processes), "--process-id", str(i), "--port", str(port)],
@@ -47,9 +46,13 @@ def _run(pair: str, out: str, processes: int) -> dict:
         )
         for i in range(processes)
     ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+
+
+def _result(procs: list[subprocess.Popen], out: str) -> dict:
+    """Waits for the worker's processes; process 0's result."""
+    logs = [p.communicate(timeout=900)[0] for p in procs]
     for i, (proc, log) in enumerate(zip(procs, logs, strict=True)):
-        assert proc.returncode == 0, f"process {i} of {processes} failed:\n{log[-4000:]}"
+        assert proc.returncode == 0, f"process {i} of {len(procs)} failed:\n{log[-4000:]}"
     with open(os.path.join(out, "result.json")) as f:
         return json.load(f)
 
@@ -64,9 +67,10 @@ def runs(tmp_path_factory):
     os.remove(os.path.join(target, "model.safetensors"))
     assert len([f for f in os.listdir(target) if f.endswith(".safetensors")]) > 2
     pair = os.path.dirname(target)
-    one = _run(pair, str(root / "one"), 1)
-    two = _run(pair, str(root / "two"), 2)
-    return root, one, two
+    # Both runs at once: the two processes wait on each other in collectives, time the single
+    # one uses.
+    one, two = _start(pair, str(root / "one"), 1), _start(pair, str(root / "two"), 2)
+    return root, _result(one, str(root / "one")), _result(two, str(root / "two"))
 
 
 def test_two_processes_train_what_one_process_trains(runs):
