@@ -22,6 +22,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from target_vs_dreamr import write_record  # noqa: E402
+
 from dreamr_jax.config import load_config  # noqa: E402
 from dreamr_jax.data.tokenizer import build_default_tokenizer  # noqa: E402
 from dreamr_jax.models import init_model  # noqa: E402
@@ -78,10 +80,7 @@ def main() -> int:
             seconds = serve_seconds(target, draft, scan, os.path.join(args.dir, "out.jsonl"))
             rows.append({"layers": layers, "scan_layers": scan, "serve_s": round(seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)
-    result = {"command": " ".join(sys.argv), "rows": rows, **provenance()}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_record(args.out, {"rows": rows, **provenance()})
     return 0
 
 

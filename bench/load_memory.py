@@ -47,6 +47,11 @@ print(json.dumps({"rss_before_load": before, "peak_rss": peak,
 """
 
 
+from target_vs_dreamr import write_record  # noqa: E402
+
+from dreamr_jax.provenance import provenance  # noqa: E402
+
+
 def write_random_checkpoint(model_yaml: str, dtype: str, folder: str) -> None:
     """Random weights of `model_yaml`'s shapes in HF layout, in shards of ~1 GiB."""
     import ml_dtypes
@@ -113,9 +118,7 @@ def main() -> int:
         ),
     )
     print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_record(args.out, {**result, **provenance()})
     return 0
 
 

@@ -17,7 +17,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_pair
 
-from dreamr_jax.config import load_config  # noqa: E402
 from dreamr_jax.config.schema import DistributedConfig, PromptConfig, SpecConfig  # noqa: E402
 from dreamr_jax.parallel.distributed import initialize, is_primary  # noqa: E402
 
@@ -27,30 +26,19 @@ PROBLEMS = 5
 
 def sapo_update(pair: str, out: str) -> dict:
     """One SAPO update of the tiny draft over the whole mesh (fsdp), exported by process 0."""
+    from tiny_pair import tiny_sapo_config
+
     from dreamr_jax.train.sapo import run_sapo
 
-    cfg = load_config(
-        "configs/digitmath/base.yaml",
-        [
-            "stage=sapo",
-            f"train.init_from={pair}/draft",
-            "model.text.num_hidden_layers=1",
-            "train.steps=1",
-            "train.warmup_steps=0",
-            "train.learning_rate=1e-2",
-            f"sapo.target={pair}/target",
-            "sapo.prompts=2",
-            "sapo.group_size=2",
-            "sapo.max_new_tokens=12",
-            "sapo.max_step_tokens=6",
-            "sapo.alpha=0.5",
-            "sapo.micro_batches=2",
-            "prompt.step_delimiter=e",
-            "eval.problems=1",
-            "eval.batch_size=1",
-            "eval.max_new_tokens=4",
-            f"output_dir={out}/sapo",
-        ],
+    cfg = tiny_sapo_config(
+        f"{pair}/target",
+        f"{pair}/draft",
+        f"{out}/sapo",
+        "train.steps=1",
+        "train.warmup_steps=0",
+        "eval.problems=1",
+        "eval.batch_size=1",
+        "eval.max_new_tokens=4",
     )
     metrics = run_sapo(cfg)
     return {k: metrics[k] for k in ("loss", "reward", "kl", "grad_norm", "eval/accuracy")}
@@ -60,13 +48,11 @@ def dreamr_batch(pair: str) -> list[list[int]]:
     """Greedy `dreamr` at alpha 0.5 (window schedule, resume fallback: the device loop) over a
     batch of ROWS rows, refilled as rows finish, both models' weights sharded over the whole
     mesh (tensor parallel over all 4 devices, both processes' in a two-process run)."""
-    from tiny_pair import MIXED, with_judge
+    from tiny_pair import MIXED, solve_in_batch, with_judge
 
     from dreamr_jax.data import digitmath
-    from dreamr_jax.data.digitmath import problem_image
     from dreamr_jax.parallel.mesh import make_mesh
     from dreamr_jax.serve.checkpoints import load_checkpoint
-    from dreamr_jax.speculative.batch import RowBatch
     from dreamr_jax.speculative.engine import Engine
 
     mesh = make_mesh(1, 1, -1)
@@ -83,14 +69,7 @@ def dreamr_batch(pair: str) -> list[list[int]]:
     )
     engine = with_judge(Engine(target, draft, spec), MIXED)
     problems = digitmath.generate_problems("test", PROBLEMS, 0)
-    batch, queue, solved = RowBatch(engine, ROWS), list(enumerate(problems)), {}
-    while queue or batch.busy:
-        while queue and batch.free:
-            i, p = queue.pop(0)
-            ids, inputs = engine.prompt(p.question, [problem_image(p)])
-            batch.admit(ids, inputs, i, time.perf_counter())
-        solved.update(batch.run())
-    return [list(map(int, solved[i].tokens)) for i in range(len(problems))]
+    return [list(map(int, s.tokens)) for s in solve_in_batch(engine, problems, ROWS)]
 
 
 def main() -> int:

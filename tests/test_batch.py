@@ -5,11 +5,10 @@ device-loop mode (sd included); a host-loop mode refuses to batch."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
-from tiny_pair import MIXED, load_near_target, make_tiny_pair, with_judge
+from tiny_pair import MIXED, load_near_target, make_tiny_pair, solve_in_batch, with_judge
 
 from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
@@ -35,19 +34,6 @@ def near_target(pair):
 @pytest.fixture(scope="module")
 def problems():
     return digitmath.generate_problems("test", 10, 0)
-
-
-def _batched(engine: Engine, problems, rows: int) -> list:
-    """Every problem through a batch of `rows` rows, refilled as rows finish; solutions in
-    problem order."""
-    batch, queue, solved = RowBatch(engine, rows), list(enumerate(problems)), {}
-    while queue or batch.busy:
-        while queue and batch.free:
-            i, p = queue.pop(0)
-            ids, inputs = engine.prompt(p.question, [problem_image(p)])
-            batch.admit(ids, inputs, i, time.perf_counter())
-        solved.update(batch.run())
-    return [solved[i] for i in range(len(problems))]
 
 
 def _chain(sol) -> tuple:
@@ -79,7 +65,7 @@ def test_a_batch_commits_what_one_request_at_a_time_commits(
     drafts = {"draft": pair[1], "near-target": near_target}
     engine = with_judge(Engine(pair[0], drafts[draft], dataclasses.replace(SPEC, **spec)), MIXED)
     alone = [engine.solve(p.question, [problem_image(p)]) for p in problems]
-    together = _batched(engine, problems, rows=4)
+    together = solve_in_batch(engine, problems, rows=4)
     assert [_chain(s) for s in together] == [_chain(s) for s in alone]
     for a, b in zip(alone, together, strict=True):
         p_alone = [s.p for s in a.steps if s.p is not None]

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from tiny_pair import make_tiny_pair
+from tiny_pair import make_tiny_pair, tiny_sapo_config
 
-from dreamr_jax.config import ConfigError, load_config
+from dreamr_jax.config import ConfigError
 from dreamr_jax.models.hf_io import save_pretrained
 from dreamr_jax.serve.checkpoints import load_checkpoint, weights_digest
 from dreamr_jax.train.sapo import SapoTrainer, run_sapo, sapo_trainer
@@ -31,32 +31,7 @@ def pair(tmp_path_factory):
 
 def _config(pair, output_dir: str, *overrides: str):
     target, draft = pair
-    return load_config(
-        "configs/digitmath/base.yaml",
-        [
-            "stage=sapo",
-            f"train.init_from={draft}",
-            "model.text.num_hidden_layers=1",  # the tiny draft
-            f"train.steps={STEPS}",
-            "train.warmup_steps=1",
-            "train.learning_rate=1e-2",  # large, so that every step moves the parameters
-            "train.save_every=2",
-            "train.log_every=1",
-            f"sapo.target={target}",
-            "sapo.prompts=2",
-            "sapo.group_size=2",
-            "sapo.max_new_tokens=12",
-            "sapo.max_step_tokens=6",
-            "sapo.alpha=0.5",
-            "sapo.micro_batches=2",
-            "prompt.step_delimiter=e",
-            "eval.problems=2",
-            "eval.batch_size=2",
-            "eval.max_new_tokens=8",
-            f"output_dir={output_dir}",
-            *overrides,
-        ],
-    )
+    return tiny_sapo_config(target, draft, output_dir, f"train.steps={STEPS}", *overrides)
 
 
 def _weights(folder: str) -> dict[str, np.ndarray]:

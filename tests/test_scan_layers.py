@@ -5,7 +5,6 @@ Python loop over layers (DeepStack features, the KV cache and remat included).""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -13,16 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
-from tiny_pair import MIXED, make_tiny_pair, with_judge
+from tiny_pair import MIXED, make_tiny_pair, solve_in_batch, with_judge
 
 from dreamr_jax.config import load_config
 from dreamr_jax.config.schema import PromptConfig, SpecConfig
 from dreamr_jax.data import digitmath
-from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.models import init_model, save_pretrained
 from dreamr_jax.models.inputs import prepare_inputs
 from dreamr_jax.serve.checkpoints import load_checkpoint
-from dreamr_jax.speculative.batch import RowBatch
 from dreamr_jax.speculative.engine import Engine
 
 
@@ -86,13 +83,6 @@ def test_dreamr_with_stacked_layers_commits_what_the_loop_commits(pairs):
     out = {}
     for scan, (target, draft) in pairs.items():
         engine = with_judge(Engine(target, draft, batched), MIXED)
-        batch, queue, solved = RowBatch(engine, 4), list(enumerate(problems)), {}
-        while queue or batch.busy:
-            while queue and batch.free:
-                i, p = queue.pop(0)
-                ids, inputs = engine.prompt(p.question, [problem_image(p)])
-                batch.admit(ids, inputs, i, time.perf_counter())
-            solved.update(batch.run())
-        out[scan] = [solved[i].tokens for i in range(len(problems))]
+        out[scan] = [s.tokens for s in solve_in_batch(engine, problems, rows=4)]
     assert out[True] == out[False]
     assert len({tuple(t) for t in out[True]}) > 1

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import numpy as np
 from flax import nnx
 
 from dreamr_jax.config import load_config
 from dreamr_jax.config.schema import PromptConfig
+from dreamr_jax.data.digitmath import problem_image
 from dreamr_jax.data.tokenizer import build_default_tokenizer
 from dreamr_jax.models import init_model
 from dreamr_jax.models.processor import make_image_processor
 from dreamr_jax.serve.checkpoints import load_checkpoint
+from dreamr_jax.speculative.batch import RowBatch
 from dreamr_jax.train.sft import export_checkpoint
 
 LOGIT_SCALE = 40.0
@@ -72,3 +75,48 @@ def with_judge(engine, judge: tuple[tuple[int, ...], tuple[int, ...]]):
         engine.builder, positive_ids=positive, negative_ids=negative
     )
     return engine
+
+
+def solve_in_batch(engine, problems, rows: int) -> list:
+    """Every problem through a batch of `rows` rows of `engine`, refilled as rows finish;
+    solutions in problem order."""
+    batch, queue, solved = RowBatch(engine, rows), list(enumerate(problems)), {}
+    while queue or batch.busy:
+        while queue and batch.free:
+            i, p = queue.pop(0)
+            ids, inputs = engine.prompt(p.question, [problem_image(p)])
+            batch.admit(ids, inputs, i, time.perf_counter())
+        solved.update(batch.run())
+    return [solved[i] for i in range(len(problems))]
+
+
+def tiny_sapo_config(target: str, draft: str, output_dir: str, *overrides: str):
+    """Stage `sapo` on the tiny pair: 4 updates of 2 prompts x 2 rollouts at a large learning
+    rate (every step moves the parameters), steps cut at the letter `e` (random tokens rarely
+    write a blank line), a 2-problem eval; `overrides` after these."""
+    return load_config(
+        "configs/digitmath/base.yaml",
+        [
+            "stage=sapo",
+            f"train.init_from={draft}",
+            "model.text.num_hidden_layers=1",  # the tiny draft
+            "train.steps=4",
+            "train.warmup_steps=1",
+            "train.learning_rate=1e-2",
+            "train.save_every=2",
+            "train.log_every=1",
+            f"sapo.target={target}",
+            "sapo.prompts=2",
+            "sapo.group_size=2",
+            "sapo.max_new_tokens=12",
+            "sapo.max_step_tokens=6",
+            "sapo.alpha=0.5",
+            "sapo.micro_batches=2",
+            "prompt.step_delimiter=e",
+            "eval.problems=2",
+            "eval.batch_size=2",
+            "eval.max_new_tokens=8",
+            f"output_dir={output_dir}",
+            *overrides,
+        ],
+    )

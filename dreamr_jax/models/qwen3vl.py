@@ -156,9 +156,11 @@ class Qwen3VL(nnx.Module):
             (x, new_k, new_v), _ = jax.lax.scan(body, (x, new_k, new_v), (stacked, layers))
         else:
             # (No cache under remat: every layer attends within the chunk.)
-            remat_layer = nnx.remat(lambda layer, x: layer(x, cos, sin, attend_in_chunk))
+            remat_layer = (
+                nnx.remat(lambda layer, x: layer(x, cos, sin, attend_in_chunk)) if remat else None
+            )
             for i, layer in enumerate(text.layers):
-                if remat:
+                if remat_layer is not None:
                     x = add_deepstack(remat_layer(layer, x), i)
                 else:
                     x, new_k, new_v = run_layer(layer, i, x, new_k, new_v)
