@@ -19,7 +19,7 @@ from dreamr_jax.serve.checkpoints import load_checkpoint
 from dreamr_jax.speculative import modes
 from dreamr_jax.speculative.engine import Engine
 from dreamr_jax.speculative.modes.sd import sd_accept
-from dreamr_jax.speculative.runner import select_rows, truncate
+from dreamr_jax.speculative.runner import select_rows, take_branch, truncate
 
 N_PROBLEMS = 12
 SPEC = SpecConfig(max_new_tokens=40, max_step_tokens=8)
@@ -412,3 +412,51 @@ def test_tree_verification_equals_separate_judge_queries(pair, problems):
         )
         np.testing.assert_allclose(np.asarray(after[i]), np.asarray(logits[0, 0]), atol=2e-4)
         np.testing.assert_allclose(np.asarray(verdict[i]), np.asarray(logits[0, 1]), atol=2e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "sampled"])
+def test_steps_side_by_side_equal_steps_on_copied_rows(pair, problems, temperature):
+    """The eager fallback's and lookahead's target steps after every prefix of a window, decoded
+    side by side in the verification's one cache row (`Verification.target_steps`), are the
+    steps of rows that each hold a copy of the cache (`at`): the same tokens (same key, same
+    draws), and the session taken for one branch continues as that row's does."""
+    spec = dataclasses.replace(SPEC, mode="lookahead", temperature=temperature)
+    engine = Engine(*pair, spec)
+    p = problems[2]
+    ids, inputs = engine.prompt(p.question, [problem_image(p)])
+    max_len = engine.max_len(len(ids))
+    steps = [engine.builder.step_ids(s, final=False) for s in p.steps[:3]]
+    key, cap = jax.random.key(3), SPEC.max_step_tokens
+    indices = [0, 1, 2, 3, 0]  # every prefix, and a padding copy (lookahead: W + 1 rows)
+
+    def verification():
+        return engine.verify(engine.target.start(inputs, max_len), steps)
+
+    # The tiny target never writes the delimiter: a token it writes early after the first step
+    # is made a stop token, so that steps of several lengths are taken.
+    first, _, _, _ = engine.target.step(verification().at([1]), key, cap, engine.sampling)
+    runner = dataclasses.replace(engine.target, stop_ids=(int(np.asarray(first)[0, 2]),))
+    v = verification()
+    want, want_n, _, rows = runner.step(v.at(indices), key, cap, engine.sampling)
+    v = verification()
+    got, got_n, branches, logits = v.target_steps(runner, indices, key, cap, engine.sampling)
+    assert branches.cache.k.shape[1] == 1  # one row, no copies
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(got_n), np.asarray(want_n))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(rows.logits), atol=2e-4)
+    lengths = [len(engine.take(got, got_n, i)) for i in range(4)]
+    assert min(lengths) < cap == max(lengths), lengths
+    # The shortest branch taken: its next step is the copied row's next step.
+    row = int(np.argmin(lengths))
+    taken = take_branch(branches, logits, row, lengths[row], cap)
+    alone = select_rows(rows, [row])
+    assert int(taken.cache.length[0]) == int(alone.cache.length[0])
+    assert int(taken.cache.next_position[0]) == int(alone.cache.next_position[0])
+    valid = np.asarray(alone.cache.valid[0])
+    np.testing.assert_array_equal(np.asarray(taken.cache.valid[0]), valid)
+    for got_kv, want_kv in ((taken.cache.k, alone.cache.k), (taken.cache.v, alone.cache.v)):
+        got_kv, want_kv = np.asarray(got_kv)[:, 0], np.asarray(want_kv)[:, 0]
+        np.testing.assert_allclose(got_kv[:, :, valid], want_kv[:, :, valid], atol=1e-5)
+    after, m, _, _ = runner.step(taken, key, cap, engine.sampling)
+    again, m2, _, _ = runner.step(alone, key, cap, engine.sampling)
+    assert engine.take(after, m) == engine.take(again, m2)

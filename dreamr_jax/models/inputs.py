@@ -46,6 +46,9 @@ class ModelInputs:
     chunk_mask: optional `[batch, seq, seq]` bool, which tokens of this chunk each token may attend
       to, replacing the causal rule inside the chunk (tree verification and packed judge training
       put several branches in one row; see `branch_layout`).
+    cache_mask: optional `[batch, seq, max_len]` bool, with a cache: which of its slots (this
+      chunk's included) each token may attend to, on top of the rule that a token sees the valid
+      slots up to its own (steps decoded side by side in one row: `speculative.runner.Branches`).
     """
 
     input_ids: jax.Array
@@ -53,6 +56,7 @@ class ModelInputs:
     positions: jax.Array
     vision: VisionInputs | None = None
     chunk_mask: jax.Array | None = None
+    cache_mask: jax.Array | None = None
 
 
 def vision_patch_hw(grid_thw: np.ndarray, merge: int) -> np.ndarray:

@@ -100,6 +100,8 @@ class Qwen3VL(nnx.Module):
             valid = cache.valid.at[rows, query_slot].set(token_mask, mode="drop")
             slots = jnp.arange(cache.max_len)
             mask = valid[:, None, :] & (slots[None, None, :] <= query_slot[..., None])
+            if inputs.cache_mask is not None:
+                mask = mask & inputs.cache_mask
             if inputs.chunk_mask is not None:
                 rel = slots[None, :] - cache.length[:, None]  # [batch, max_len]
                 in_chunk = (rel >= 0) & (rel < t)

@@ -28,7 +28,7 @@ from dreamr_jax.models.sampling import Sampling
 from dreamr_jax.speculative import modes
 from dreamr_jax.speculative.cpn import cpn_verdicts
 from dreamr_jax.speculative.records import Solution, StepRecord
-from dreamr_jax.speculative.runner import ModelRunner, Session, chunk_width, select_rows, truncate
+from dreamr_jax.speculative.runner import ModelRunner, Session, chunk_width, take_branch, truncate
 from dreamr_jax.speculative.verification import Verification
 
 # Prompts are left-padded to a multiple of this, so few shapes are ever compiled; prefill is
@@ -108,11 +108,12 @@ class Engine:
         tokens stay below max_new_tokens + max_step_tokens, and a target step written in place
         of a drafted one (a fallback) starts where that step did. Chunk padding needs no room
         (the cache drops writes past its end). On top of the chain only what a mode writes
-        after it: the judge suffixes of a verification pass (none for `exact`), lookahead's
-        bonus step after the whole window, sd's proposals."""
+        after it: the judge suffixes of a verification pass (none for `exact`), sd's proposals,
+        or the target's steps decoded side by side after a window (eager fallback, lookahead),
+        which write over the suffixes."""
         s = self.spec
         need = -(-prompt_len // BUCKET) * BUCKET + s.max_new_tokens + s.max_step_tokens - 1
-        need += self.mode.room(self)
+        need += max(self.mode.room(self), self.mode.branches(s) * s.max_step_tokens)
         return -(-need // 128) * 128
 
     @property
@@ -153,7 +154,8 @@ class Engine:
         """Compiles what a request shaped like this prompt (`prompt`'s ids and inputs) can run,
         so no later request pays for compilation: one full answer, then what that answer may not
         have reached: a verification pass of every chunk width a window can produce, the
-        target's fallback step (one row, or W rows for eager), and the draft taking a committed
+        target's fallback step (and its steps side by side: eager, lookahead), and the draft
+        taking a committed
         step of every padded length and dropping rejected steps."""
         self.answer(ids, inputs, time.perf_counter())
         if not self.mode.warms_host_loop or self.device_loop:
@@ -171,12 +173,15 @@ class Engine:
         # A fallback that starts from the verification's agreement: a cut, then one token.
         v = self.verify(self.target.start(inputs, max_len), [[filler] * 2], suffix)
         jax.block_until_ready(self.target.extend(v.cut(1), [[filler]], [[0]])[1].logits)
-        rows = [[0], [0] * self.spec.window] if self.spec.fallback == "eager" else [[0]]
-        for batch in rows:
-            t = select_rows(self.target.start(inputs, max_len), batch)
-            jax.block_until_ready(
-                self.target.step(t, self.key(0), self.spec.max_step_tokens, self.sampling)[0]
+        cap = self.spec.max_step_tokens
+        t = self.target.start(inputs, max_len)
+        jax.block_until_ready(self.target.step(t, self.key(0), cap, self.sampling)[0])
+        if branches := self.mode.branches(self.spec):
+            v = self.verify(self.target.start(inputs, max_len), [[filler] * 2], suffix)
+            tokens, n, b, logits = v.target_steps(
+                self.target, [0] * branches, self.key(0), cap, self.sampling
             )
+            jax.block_until_ready(take_branch(b, logits, 0, 1, cap).logits)
         width = 1
         while width < 2 * self.spec.max_step_tokens:
             d = self.draft.start(inputs, max_len)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dreamr_jax.speculative.records import Solution, StepRecord
-from dreamr_jax.speculative.runner import Session, select_rows
+from dreamr_jax.speculative.runner import Session, take_branch
 
 if TYPE_CHECKING:
     from dreamr_jax.speculative.engine import Engine
@@ -52,9 +52,10 @@ def host_loop(engine: Engine, t: Session, d: Session) -> Solution:
         v, pending = engine.verify(t, steps, suffix, pending=pending), None
         sol.target_calls += 1
         if eager:  # the target's step at every position, dispatched before any verdict
-            # (always W rows, so one program serves every window)
-            fallback = engine.target.step(
-                v.at(engine.rows(range(k), spec.window)),
+            # (always W branches, so one program serves every window)
+            fallback = v.target_steps(
+                engine.target,
+                engine.rows(range(k), spec.window),
                 engine.key(len(sol.tokens) + 1),
                 spec.max_step_tokens,
                 engine.sampling,
@@ -97,9 +98,9 @@ def host_loop(engine: Engine, t: Session, d: Session) -> Solution:
             in_step = open_step if kept == 0 else 0
             t, d, pending = engine.target_takes_over(sol, v, d, steps, marks, kept, in_step)
             continue
-        tokens, n, _, batch = fallback
+        tokens, n, branches, logits = fallback
         new_step = engine.take(tokens, n, kept)
-        t = select_rows(batch, [kept])
+        t = take_branch(branches, logits, kept, len(new_step), spec.max_step_tokens)
         engine.commit(sol, new_step, "target")
         d = engine.resync_draft(d, steps, marks, kept, new_step)
     return sol

@@ -126,6 +126,66 @@ def feed_rows(model, token, active, cache: KVCache, logits):
     return dataclasses.replace(fed, length=cache.length + active), logits
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Branches:
+    """Rows decoded side by side in one cache row, so that no row copies it (the target's own
+    step after each prefix of a verified window: `Verification.target_steps`). Branch i sees the
+    row's slots below `prefix_end[i]` and its own tokens, which go to slots `base + s * rows + i`
+    (its token s): each decoding round writes one token per branch as one chunk.
+
+    cache: the one-row KVCache; its length is the next round's first slot.
+    prefix_end: `[rows]` int32. next_position: `[rows]` int32, the position of each branch's
+    next token. base: `[]` int32, at or past every prefix's end.
+    """
+
+    cache: KVCache
+    prefix_end: jax.Array
+    next_position: jax.Array
+    base: jax.Array
+
+
+def feed_branches(model, token, active, branches: Branches, logits):
+    """`feed_token` for `Branches`: one token per branch `[rows]` into the shared row."""
+    cache, w = branches.cache, token.shape[0]
+    slots = jnp.arange(cache.max_len)[None, :]
+    own = (slots >= branches.base) & ((slots - branches.base) % w == jnp.arange(w)[:, None])
+    sees = (slots < branches.prefix_end[:, None]) | own  # [rows, max_len]
+    pos = jnp.where(active, branches.next_position, 0).astype(jnp.int32)
+    inputs = ModelInputs(
+        jnp.maximum(token, 0)[None],
+        active[None],
+        jnp.broadcast_to(pos[None, None], (3, 1, w)),
+        cache_mask=sees[None],
+    )
+    hidden, cache = model.hidden_states(inputs, cache)
+    logits = jnp.where(active[:, None], model.logits(hidden[0]), logits)
+    moved = branches.next_position + active
+    return dataclasses.replace(branches, cache=cache, next_position=moved), logits
+
+
+@functools.partial(jax.jit, static_argnums=5, donate_argnums=0)
+def _take_branch(cache: KVCache, branches: Branches, logits, row, n, max_tokens: int) -> Session:
+    w = logits.shape[0]
+    s = jnp.arange(max_tokens)
+    src = jnp.minimum(branches.base + s * w + row, cache.max_len - 1)
+    dst = jnp.where(s < n, branches.prefix_end[row] + s, cache.max_len)  # past n: dropped
+    k = cache.k.at[:, :, :, dst].set(cache.k[:, :, :, src], mode="drop")
+    v = cache.v.at[:, :, :, dst].set(cache.v[:, :, :, src], mode="drop")
+    valid = cache.valid.at[:, dst].set(True, mode="drop")
+    moved = KVCache(k, v, valid, cache.length, cache.next_position)
+    end = (branches.prefix_end[row] + n)[None]
+    return Session(rollback(moved, end, branches.next_position[row][None]), logits[row][None])
+
+
+def take_branch(branches: Branches, logits, row: int, n: int, max_tokens: int) -> Session:
+    """Branch `row`'s session: its prefix, then its `n` tokens moved in behind it (at most
+    `max_tokens` slots copied, never the cache), and the logits `[rows, vocab]` row after them.
+    Donates `branches`."""
+    rest = dataclasses.replace(branches, cache=None)  # the cache alone is donated
+    return _take_branch(branches.cache, rest, logits, np.int32(row), np.int32(n), max_tokens)
+
+
 def until_a_row_finishes(state: dict):
     """The device loops' condition over a batch of rows (`state` with `active` and `done`
     `[rows]`): a row is in play, and none has finished, whose row the host then refills."""
@@ -135,7 +195,7 @@ def until_a_row_finishes(state: dict):
 @functools.partial(
     jax.jit,
     static_argnums=(0, 6, 7, 8, 9, 10),
-    static_argnames=("keep_marks", "keep_dists"),
+    static_argnames=("keep_marks", "keep_dists", "branches"),
     donate_argnums=3,
 )
 def generate_steps(
@@ -157,6 +217,7 @@ def generate_steps(
     keep_marks: bool = True,
     keep_dists: bool = False,
     active=None,
+    branches: bool = False,
 ):
     """Up to `max_steps` steps per row in one device loop (a draft window): no host round trip
     between steps. A row stops after EOS, after `max_steps` steps, once it has written `budget`
@@ -172,7 +233,8 @@ def generate_steps(
     step and left it to the draft, the `resume` fallback), so the first step reaches
     `max_step_tokens` that much sooner and every step is cut where the target alone would cut
     it. `active` `[batch]` (default all): rows that write nothing (a
-    batch's empty or finished rows).
+    batch's empty or finished rows). With `branches`, `cache` is a `Branches`, the rows its
+    branches, and it is returned as the loop left it (`take_branch` keeps one).
 
     Returns tokens `[batch, max_steps * max_step_tokens]` (-1 past the end), ends `[batch,
     max_steps]` (tokens written through each step, 0 for steps not written), the number of steps
@@ -186,7 +248,7 @@ def generate_steps(
     stop = jnp.asarray(stop_ids + eos_ids, jnp.int32)
     eos = jnp.asarray(eos_ids, jnp.int32)
     rows = jnp.arange(b)
-    start = cache.length
+    feed = feed_branches if branches else feed_token
     step_limit = max_steps if step_limit is None else jnp.minimum(step_limit, max_steps)
 
     def cond(carry):
@@ -209,7 +271,7 @@ def generate_steps(
             sure = jnp.minimum(sure, prob)  # the step's least likely token so far
         token = jnp.where(active, drawn, -1)
         tokens = tokens.at[rows, n].set(token, mode="drop")
-        cache, logits = feed_token(model, token, active, cache, logits)
+        cache, logits = feed(model, token, active, cache, logits)
         n, in_step = n + active, in_step + active
         step_ends = active & (jnp.isin(token, stop) | (in_step >= max_step_tokens))
         # Rows whose step did not end write to an index past the end (dropped).
@@ -246,11 +308,12 @@ def generate_steps(
         logits,
         key,
     )
-    _, tokens, log_probs, _, n, _, _, steps, ends, marks, cache, logits, _ = jax.lax.while_loop(
+    _, tokens, log_probs, _, n, _, _, steps, ends, marks, out, logits, _ = jax.lax.while_loop(
         cond, body, carry
     )
-    cache = rollback(cache, start + n, cache.next_position)
-    return tokens, ends, steps, marks, log_probs, cache, logits
+    if not branches:
+        out = rollback(out, cache.length + n, out.next_position)
+    return tokens, ends, steps, marks, log_probs, out, logits
 
 
 # The session helpers below run between the jitted model calls of every decoding round. As a
@@ -309,6 +372,29 @@ def rows_at(session: Session, length, position, offsets, logits_parts, picks) ->
         np.asarray(picks, np.int32),
     )
     return Session(dataclasses.replace(rows, k=cache.k, v=cache.v), logits)
+
+
+@jax.jit
+def _branches_at(cache: KVCache, length, position, offsets, chain_end, logits_parts, picks):
+    base = length[0] + chain_end
+    cache = dataclasses.replace(cache, length=base[None])  # the branches write from there on
+    branches = Branches(cache, length + offsets, position + offsets, base)
+    return branches, jnp.concatenate(logits_parts)[picks]
+
+
+def branches_at(session: Session, length, position, offsets, chain_end: int, logits_parts, picks):
+    """`rows_at` as `Branches` of the one row, none copying it: branch i sees the first
+    `offsets[i]` tokens of the chunk, and the branches write from `chain_end` tokens into it on.
+    Returns the branches and their logits `[rows, vocab]`."""
+    return _branches_at(
+        session.cache,
+        length,
+        position,
+        np.asarray(offsets, np.int32),
+        np.int32(chain_end),
+        tuple(logits_parts),
+        np.asarray(picks, np.int32),
+    )
 
 
 @jax.jit
@@ -483,13 +569,41 @@ class ModelRunner:
         of one step (`generate_steps`), which counts the tokens past `limit` as already in it.
         Returns (tokens `[batch, max_tokens]`, n `[batch]`, log_probs, session), all still on
         device. Donates `session`."""
-        rows = session.batch
+        tokens, n, log_probs, cache, logits = self._step(
+            session.cache, session.logits, key, max_tokens, sampling, stop, keep_dists, limit
+        )
+        return tokens, n, log_probs, Session(cache, logits)
+
+    def branch_steps(
+        self, branches: Branches, logits, key, max_tokens: int, sampling: Sampling = GREEDY
+    ):
+        """`step` of every branch of `branches` (logits `[rows, vocab]` before each): tokens
+        `[rows, max_tokens]`, n `[rows]`, the branches and the logits after them (`take_branch`
+        keeps one). Donates `branches`."""
+        tokens, n, _, branches, logits = self._step(
+            branches, logits, key, max_tokens, sampling, branches=True
+        )
+        return tokens, n, branches, logits
+
+    def _step(
+        self,
+        cache,
+        logits,
+        key,
+        max_tokens,
+        sampling,
+        stop=True,
+        keep_dists=False,
+        limit=None,
+        branches=False,
+    ):
+        rows = logits.shape[0]
         written = max_tokens - min(max_tokens, max_tokens if limit is None else limit)
         tokens, ends, _, _, log_probs, cache, logits = generate_steps(
             self.graphdef,
             self.state,
-            session.logits,
-            session.cache,
+            logits,
+            cache,
             key,
             np.full((rows,), max_tokens, np.int32),
             1,
@@ -500,8 +614,9 @@ class ModelRunner:
             in_step=np.full((rows,), written, np.int32),
             keep_marks=False,
             keep_dists=keep_dists,
+            branches=branches,
         )
-        return tokens, ends[:, 0], log_probs, Session(cache, logits)
+        return tokens, ends[:, 0], log_probs, cache, logits
 
     def steps(
         self, session: Session, *args, **kwargs

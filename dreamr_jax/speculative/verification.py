@@ -8,7 +8,7 @@ import functools
 import jax
 import numpy as np
 
-from dreamr_jax.speculative.runner import Session, rows_at
+from dreamr_jax.speculative.runner import Session, branches_at, rows_at
 
 
 @dataclasses.dataclass
@@ -34,6 +34,24 @@ class Verification:
         indices = list(indices)  # logits: the tree's (i = 0), then after[i - 1]
         parts = (self.tree.logits, self.after)
         return rows_at(self.tree, *self.start, self.starts[indices], parts, indices)
+
+    def target_steps(self, runner, indices, key, max_tokens: int, sampling):
+        """The target's own step after the first i steps, for each i in `indices`, decoded side
+        by side in this pass's row (`Branches`), where `at` would give each a copy of the cache.
+        Returns (tokens `[rows, max_tokens]`, n `[rows]`, the branches and their logits), which
+        `runner.take_branch` turns into the session of one. The branches write past the chain
+        only, so `at` and `cut` read the chain from their row from then on (until a branch is
+        taken, which donates it)."""
+        indices = list(indices)
+        parts = (self.tree.logits, self.after)
+        branches, logits = branches_at(
+            self.tree, *self.start, self.starts[indices], int(self.starts[-1]), parts, indices
+        )
+        tokens, n, branches, logits = runner.branch_steps(
+            branches, logits, key, max_tokens, sampling
+        )
+        self.tree = Session(branches.cache, self.tree.logits)
+        return tokens, n, branches, logits
 
     @functools.cached_property
     def greedy_tokens(self) -> np.ndarray:

@@ -25,14 +25,18 @@ class Mode:
     mode writes after the chain (judge suffixes, bonus steps, proposals); lanes: `engine ->
     Lanes | None`, the mode's device loop over a batch of rows (None: a host loop, one request
     at a time); resumes: `spec -> bool`, whether a rejection leaves the rest of the target's
-    step to the draft; stops_on_doubt: whether a draft window ends after a doubtful step
-    (`spec.draft_confidence`); warms_host_loop: whether `Engine.warm_up` compiles the host
-    loop's verification and fallback programs, which one solve may not reach."""
+    step to the draft; branches: `spec -> int`, how many target steps the host loop decodes
+    side by side after a verification pass (`Verification.target_steps`: eager fallback,
+    lookahead), writing over the judge suffixes; stops_on_doubt: whether a draft window ends
+    after a doubtful step (`spec.draft_confidence`); warms_host_loop: whether `Engine.warm_up`
+    compiles the host loop's verification and fallback programs, which one solve may not
+    reach."""
 
     run: Callable[[Engine, object, int], Solution]
     room: Callable[[Engine], int] = lambda engine: 0
     lanes: Callable[[Engine], object] | None = None
     resumes: Callable[[SpecConfig], bool] = lambda spec: False
+    branches: Callable[[SpecConfig], int] = lambda spec: 0
     stops_on_doubt: bool = False
     warms_host_loop: bool = False
 

@@ -35,6 +35,7 @@ def _lanes(engine: Engine) -> WindowLanes | None:
     room=_judge_room,
     lanes=_lanes,
     resumes=lambda spec: spec.fallback == "resume",
+    branches=lambda spec: spec.window if spec.fallback == "eager" else 0,
     stops_on_doubt=True,
     warms_host_loop=True,
 )

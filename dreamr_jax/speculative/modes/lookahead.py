@@ -9,19 +9,23 @@ from typing import TYPE_CHECKING
 
 from dreamr_jax.speculative.modes import register
 from dreamr_jax.speculative.records import Solution, StepRecord
-from dreamr_jax.speculative.runner import select_rows
+from dreamr_jax.speculative.runner import take_branch
 
 if TYPE_CHECKING:
     from dreamr_jax.speculative.engine import Engine
 
 
 def _window_room(engine: Engine) -> int:
-    """The judge suffixes of a window and the bonus step after it."""
-    s = engine.spec
-    return s.window * len(engine.builder.judge_suffix_ids) + s.max_step_tokens
+    """The judge suffixes of a window."""
+    return engine.spec.window * len(engine.builder.judge_suffix_ids)
 
 
-@register("lookahead", room=_window_room, warms_host_loop=True)
+@register(
+    "lookahead",
+    room=_window_room,
+    branches=lambda spec: spec.window + 1,
+    warms_host_loop=True,
+)
 def lookahead(engine: Engine, inputs, max_len: int) -> Solution:
     t, d = engine.start(inputs, max_len)
     sol = Solution([], [])
@@ -33,8 +37,9 @@ def lookahead(engine: Engine, inputs, max_len: int) -> Solution:
         # One pass over the drafted chain (with the judge queries, used on a mismatch), then
         # the target writes its own step after every prefix of it, as k + 1 batched rows.
         v = engine.verify(t, steps)
-        tokens, n, _, batch = engine.target.step(
-            v.at(engine.rows(range(k + 1), engine.spec.window + 1)),
+        tokens, n, branches, logits = v.target_steps(
+            engine.target,
+            engine.rows(range(k + 1), engine.spec.window + 1),
             engine.key(len(sol.tokens) + 1),
             engine.spec.max_step_tokens,
             engine.sampling,
@@ -63,6 +68,6 @@ def lookahead(engine: Engine, inputs, max_len: int) -> Solution:
             break
         new_step = target_steps[kept]
         engine.commit(sol, new_step, "target")
-        t = select_rows(batch, [kept])
+        t = take_branch(branches, logits, kept, len(new_step), engine.spec.max_step_tokens)
         d = engine.resync_draft(d, steps, marks, kept, new_step)
     return sol
