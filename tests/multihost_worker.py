@@ -1,7 +1,8 @@
 """One process of the multi-host test (`test_multihost.py`): one SAPO update of the tiny draft
-and one batch of `dreamr` requests, both on the global 4-device mesh, written to `--out` by
-process 0. Run once as a single process with 4 CPU devices, and as two processes with 2 each
-joined by `jax.distributed`; the test compares what they write.
+and one batch of `dreamr` requests, both on the global 4-device mesh, and `dreamr` requests with
+draft and target on submeshes of their own, written to `--out` by process 0. Run once as a
+single process with 4 CPU devices, and as two processes with 2 each joined by
+`jax.distributed`; the test compares what they write.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/multihost_worker.py \\
         --pair DIR --out DIR --processes 2 --process-id 0 --port 12355
@@ -72,6 +73,42 @@ def dreamr_batch(pair: str) -> list[list[int]]:
     return [list(map(int, s.tokens)) for s in solve_in_batch(engine, problems, ROWS)]
 
 
+def fpsr_apart(pair: str) -> list[list[int]]:
+    """`dreamr` at alpha 0.5 as the host loop with the FPSR schedule and the eager fallback,
+    the draft and the target on submeshes of their own (2 devices each, tensor parallel), as
+    `serve.py` places them: in a two-process run each submesh spans both processes, which
+    must take every branch of the loop together. One request at a time."""
+    from tiny_pair import MIXED, with_judge
+
+    from dreamr_jax.data import digitmath
+    from dreamr_jax.data.digitmath import problem_image
+    from dreamr_jax.parallel.distributed import spread_devices
+    from dreamr_jax.parallel.mesh import make_mesh
+    from dreamr_jax.serve.checkpoints import load_checkpoint
+    from dreamr_jax.speculative.engine import Engine
+
+    draft_devices, target_devices = spread_devices(2, 2)
+    target = load_checkpoint(
+        f"{pair}/target", PromptConfig(), mesh=make_mesh(1, 1, -1, devices=target_devices)
+    )
+    draft = load_checkpoint(
+        f"{pair}/draft", PromptConfig(), mesh=make_mesh(1, 1, -1, devices=draft_devices)
+    )
+    spec = SpecConfig(
+        mode="dreamr",
+        alpha=0.5,
+        schedule="fpsr",
+        fallback="eager",
+        max_new_tokens=24,
+        max_step_tokens=8,
+        draft_confidence=0.0,
+    )
+    engine = with_judge(Engine(target, draft, spec), MIXED)
+    assert engine.apart and not engine.device_loop
+    problems = digitmath.generate_problems("test", 2, 0)
+    return [list(map(int, engine.solve(p.question, [problem_image(p)]).tokens)) for p in problems]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pair", required=True)
@@ -96,7 +133,13 @@ def main() -> int:
     result = {"sapo": sapo_update(args.pair, args.out)}
     middle = time.perf_counter()
     result["dreamr"] = dreamr_batch(args.pair)
-    print(f"sapo {middle - started:.1f} s, dreamr {time.perf_counter() - middle:.1f} s", flush=True)
+    batch = time.perf_counter()
+    result["fpsr_apart"] = fpsr_apart(args.pair)
+    print(
+        f"sapo {middle - started:.1f} s, dreamr batch {batch - middle:.1f} s, "
+        f"fpsr apart {time.perf_counter() - batch:.1f} s",
+        flush=True,
+    )
     if is_primary():
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump(result, f)

@@ -1,8 +1,9 @@
 """Multi-host on JAX's own runtime: two local processes joined by `jax.distributed` (2 CPU devices
 each, gloo collectives) run one SAPO update (rollouts, scoring, the update, an orbax checkpoint,
-the val eval and the HF export) and one batch of `dreamr` requests on the 4-device global mesh,
-and get what one process with 4 devices gets (`multihost_worker.py` does the work). The target
-is a sharded checkpoint (index and shards), loaded per host onto the global mesh."""
+the val eval and the HF export), one batch of `dreamr` requests on the 4-device global mesh and
+`dreamr`'s host loop (FPSR, eager fallback) with draft and target on submeshes of 2 devices
+each, and get what one process with 4 devices gets (`multihost_worker.py` does the work). The
+target is a sharded checkpoint (index and shards), loaded per host onto the global mesh."""
 
 from __future__ import annotations
 
@@ -97,3 +98,12 @@ def test_two_processes_answer_what_one_process_answers(runs):
     _, one, two = runs
     assert len(one["dreamr"]) == 5
     assert two["dreamr"] == one["dreamr"]
+
+
+def test_two_processes_run_the_host_loop_on_submeshes_spanning_both(runs):
+    """FPSR's host loop with the draft and the target on submeshes of their own, each spanning
+    both processes: every process reads the same verdicts and takes the same branches, and the
+    chains are one process's."""
+    _, one, two = runs
+    assert len(one["fpsr_apart"]) == 2 and all(one["fpsr_apart"])
+    assert two["fpsr_apart"] == one["fpsr_apart"]

@@ -411,7 +411,13 @@ def truncate(session: Session, drop: int, logits: jax.Array) -> Session:
 
 # Eager array ops cost ~0.1 ms each on CPU, more than a draft token: the per-request cache and
 # the per-pass row picks are one small program each.
-_new_cache = jax.jit(init_cache, static_argnums=(0, 1, 2, 3))
+@functools.cache
+def _cache_maker(sharding: NamedSharding | None):
+    """`init_cache` as one program whose cache is made on `sharding`'s devices (None: the default
+    device). Made there, not put there: `device_put` of a host value onto devices of several
+    processes checks it is equal on all of them, a collective over every process that can meet
+    another model's programs in flight and mix their messages up."""
+    return jax.jit(init_cache, static_argnums=(0, 1, 2, 3), out_shardings=sharding)
 
 
 @jax.jit
@@ -546,8 +552,8 @@ class ModelRunner:
 
     def empty(self, rows: int, max_len: int) -> KVCache:
         """An empty cache of `rows` rows, on the model's devices."""
-        cache = _new_cache(self.config.text, rows, max_len, self.model.dtype)
-        return cache if self.cache_sharding is None else jax.device_put(cache, self.cache_sharding)
+        make = _cache_maker(self.cache_sharding)
+        return make(self.config.text, rows, max_len, self.model.dtype)
 
     def prompt_inputs(self, ids: Sequence[int], pixel_values, grid) -> ModelInputs:
         inputs, _ = prepare_inputs(self.config, np.asarray([ids]), None, pixel_values, grid)
