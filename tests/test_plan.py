@@ -15,7 +15,7 @@ from dreamr_jax.config.schema import TrainConfig
 from dreamr_jax.models.init import init_model
 from dreamr_jax.parallel.mesh import make_mesh
 from dreamr_jax.rl.update import init_optimizer_state
-from dreamr_jax.speculative.runner import _new_cache
+from dreamr_jax.speculative.runner import _cache_maker
 
 TINY = "configs/models/tiny.yaml"
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
@@ -54,7 +54,7 @@ def test_parameters_and_optimizer_state_are_what_a_sharded_run_holds(sizes):
 
 def test_a_serving_cache_is_what_the_engine_allocates():
     cfg = load_config(TINY).model
-    cache = _new_cache(cfg.text, 3, 256, np.float32)
+    cache = _cache_maker(None)(cfg.text, 3, 256, np.float32)
     assert plan.cache_bytes(cfg, 3, 256, "float32") == sum(x.nbytes for x in jax.tree.leaves(cache))
 
 
