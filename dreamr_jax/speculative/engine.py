@@ -155,8 +155,7 @@ class Engine:
         so no later request pays for compilation: one full answer, then what that answer may not
         have reached: a verification pass of every chunk width a window can produce, the
         target's fallback step (and its steps side by side: eager, lookahead), and the draft
-        taking a committed
-        step of every padded length and dropping rejected steps."""
+        taking a committed step of every padded length and dropping rejected steps."""
         self.answer(ids, inputs, time.perf_counter())
         if not self.mode.warms_host_loop or self.device_loop:
             return

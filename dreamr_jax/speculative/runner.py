@@ -375,9 +375,9 @@ def rows_at(session: Session, length, position, offsets, logits_parts, picks) ->
 
 
 @jax.jit
-def _branches_at(cache: KVCache, length, position, offsets, chain_end, logits_parts, picks):
-    base = length[0] + chain_end
-    cache = dataclasses.replace(cache, length=base[None])  # the branches write from there on
+def _branches_at(bookkeeping: KVCache, length, position, offsets, chain_end, logits_parts, picks):
+    base = length[0] + chain_end  # where the branches' tokens go
+    cache = dataclasses.replace(bookkeeping, length=base[None])
     branches = Branches(cache, length + offsets, position + offsets, base)
     return branches, jnp.concatenate(logits_parts)[picks]
 
@@ -386,8 +386,9 @@ def branches_at(session: Session, length, position, offsets, chain_end: int, log
     """`rows_at` as `Branches` of the one row, none copying it: branch i sees the first
     `offsets[i]` tokens of the chunk, and the branches write from `chain_end` tokens into it on.
     Returns the branches and their logits `[rows, vocab]`."""
-    return _branches_at(
-        session.cache,
+    cache = session.cache
+    branches, logits = _branches_at(
+        _bookkeeping(cache),
         length,
         position,
         np.asarray(offsets, np.int32),
@@ -395,6 +396,8 @@ def branches_at(session: Session, length, position, offsets, chain_end: int, log
         tuple(logits_parts),
         np.asarray(picks, np.int32),
     )
+    branches.cache = dataclasses.replace(branches.cache, k=cache.k, v=cache.v)
+    return branches, logits
 
 
 @jax.jit
