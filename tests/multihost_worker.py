@@ -1,6 +1,7 @@
 """One process of the multi-host test (`test_multihost.py`): one SAPO update of the tiny draft
-and one batch of `dreamr` requests, both on the global 4-device mesh, and `dreamr` requests with
-draft and target on submeshes of their own, written to `--out` by process 0. Run once as a
+(with one SFT step before it) and one batch of `dreamr` requests, all on the global 4-device
+mesh, and `dreamr` requests with draft and target on submeshes of their own, written to `--out`
+by process 0. Run once as a
 single process with 4 CPU devices, and as two processes with 2 each joined by
 `jax.distributed`; the test compares what they write.
 
@@ -23,6 +24,67 @@ from dreamr_jax.parallel.distributed import initialize, is_primary  # noqa: E402
 
 ROWS = 4
 PROBLEMS = 5
+
+
+def _sft_examples(cfg, n: int = 12):
+    """Text-only counting sequences, each starting elsewhere."""
+    import grain
+    import numpy as np
+
+    seq, records = 12, []
+    for i in range(n):
+        ids = np.arange(seq, dtype=np.int32) + 10 + 17 * i
+        mask = np.ones(seq, bool)
+        records.append({"input_ids": ids, "attention_mask": mask, "loss_mask": mask})
+    return grain.MapDataset.source(records)
+
+
+def sft_step(out: str) -> dict:
+    """One SFT step of a tiny model, the batch split over the mesh's `data` axis (one index a
+    process) and the parameters over `fsdp`. With two processes: the `Trainer` as `train.py`
+    runs it, each process reading every other example and its rows becoming its part of the
+    global batch; its loss. With one: the loss that the same step takes on the global batch the
+    two processes form (each one's first batch of its shard, in process order), and, to show
+    that the comparison can fail, the loss on one process's own first batch of 4."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from dreamr_jax.config import load_config
+    from dreamr_jax.models import init_model
+    from dreamr_jax.parallel.mesh import make_mesh
+    from dreamr_jax.train.loss import next_token_loss
+    from dreamr_jax.train.optim import make_optimizer
+    from dreamr_jax.train.trainer import (
+        Trainer,
+        batch_pipeline,
+        collate,
+        shard_batch,
+        train_step,
+    )
+
+    rows = 2  # a process's rows: a global batch of 4
+    cfg = load_config(
+        "configs/models/tiny.yaml",
+        ["train.steps=1", f"train.batch_size={rows}", "train.warmup_steps=0"]
+        + ["train.log_every=1", f"output_dir={out}/sft"],
+    )
+    mesh = make_mesh(2, 2, 1)
+    examples = _sft_examples(cfg)
+    model = init_model(cfg.model, seed=0, mesh=mesh)
+    if jax.process_count() == 2:
+        return {"loss": Trainer(cfg, model, examples, cfg.output_dir, mesh).run().metrics["loss"]}
+    own = batch_pipeline(examples, 2 * rows, 1, cfg.seed, by_process=False)[0]
+    wrong, _ = next_token_loss(model, *shard_batch(collate(cfg.model, own), mesh))
+    shards = [
+        batch_pipeline(examples[p::2], rows, 1, cfg.seed, by_process=False)[0] for p in range(2)
+    ]
+    batch = {k: np.concatenate([shard[k] for shard in shards]) for k in shards[0]}
+    graphdef, params = nnx.split(model)
+    inputs, loss_mask = shard_batch(collate(cfg.model, batch), mesh)
+    opt_state = make_optimizer(cfg.train).init(params)
+    _, _, metrics = train_step(graphdef, cfg.train, params, opt_state, inputs, loss_mask)
+    return {"loss": float(metrics["loss"]), "one_process_batch_loss": float(wrong)}
 
 
 def sapo_update(pair: str, out: str) -> dict:
@@ -130,7 +192,8 @@ def main() -> int:
 
     assert jax.device_count() == 4, jax.devices()
     started = time.perf_counter()
-    result = {"sapo": sapo_update(args.pair, args.out)}
+    result = {"sft": sft_step(args.out)}
+    result["sapo"] = sapo_update(args.pair, args.out)
     middle = time.perf_counter()
     result["dreamr"] = dreamr_batch(args.pair)
     batch = time.perf_counter()

@@ -1,9 +1,10 @@
 """Multi-host on JAX's own runtime: two local processes joined by `jax.distributed` (2 CPU devices
-each, gloo collectives) run one SAPO update (rollouts, scoring, the update, an orbax checkpoint,
-the val eval and the HF export), one batch of `dreamr` requests on the 4-device global mesh and
-`dreamr`'s host loop (FPSR, eager fallback) with draft and target on submeshes of 2 devices
-each, and get what one process with 4 devices gets (`multihost_worker.py` does the work). The
-target is a sharded checkpoint (index and shards), loaded per host onto the global mesh."""
+each, gloo collectives) run one SFT step (each process reading its own shard of the data), one
+SAPO update (rollouts, scoring, the update, an orbax checkpoint, the val eval and the HF
+export), one batch of `dreamr` requests on the 4-device global mesh and `dreamr`'s host loop
+(FPSR, eager fallback) with draft and target on submeshes of 2 devices each, and get what one
+process with 4 devices gets (`multihost_worker.py` does the work). The target is a sharded
+checkpoint (index and shards), loaded per host onto the global mesh."""
 
 from __future__ import annotations
 
@@ -72,6 +73,15 @@ def runs(tmp_path_factory):
     # one uses.
     one, two = _start(pair, str(root / "one"), 1), _start(pair, str(root / "two"), 2)
     return root, _result(one, str(root / "one")), _result(two, str(root / "two"))
+
+
+def test_two_processes_take_the_sft_step_of_the_batch_their_shards_form(runs):
+    """Stage `sft` on two processes: each reads its own half of the examples, and the sharded step
+    over the global batch their rows form has the loss one process computes on those rows (and
+    not the loss of the batch one process reads alone)."""
+    _, one, two = runs
+    assert two["sft"]["loss"] == pytest.approx(one["sft"]["loss"], abs=1e-5, rel=1e-5)
+    assert abs(one["sft"]["one_process_batch_loss"] - one["sft"]["loss"]) > 1e-3
 
 
 def test_two_processes_train_what_one_process_trains(runs):

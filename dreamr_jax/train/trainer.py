@@ -92,10 +92,24 @@ def collate(model_cfg, batch: Example) -> tuple[ModelInputs, np.ndarray]:
     return inputs, np.asarray(batch["loss_mask"], np.float32)
 
 
-def shard_batch(tree, mesh: Mesh | None):
-    """Places this process's `[batch, ...]` arrays (its shard of the data, `batch_pipeline`) as
+def shard_batch(batch: tuple[ModelInputs, np.ndarray], mesh: Mesh | None):
+    """Places this process's inputs and loss mask (its shard of the data, `batch_pipeline`) as
     one global batch split over the batch mesh axes."""
-    return tree if mesh is None else local_batch_to_global(tree, mesh)
+    if mesh is None:
+        return batch
+    inputs, loss_mask = batch
+    if inputs.vision is not None and jax.process_count() > 1:
+        # Each process packs its own images' patches (padded at the end of its pack), and the
+        # model finds an image token's features by counting image tokens over the whole batch.
+        raise NotImplementedError(
+            "stage sft with images on several processes: each process packs its own images' "
+            "patches, which one global batch would index as one pack (train on one host)"
+        )
+    # M-RoPE positions `[3, batch, seq]` go batch first, as every other array.
+    positions = np.swapaxes(inputs.positions, 0, 1)
+    inputs = dataclasses.replace(inputs, positions=None)
+    inputs, loss_mask, positions = local_batch_to_global((inputs, loss_mask, positions), mesh)
+    return dataclasses.replace(inputs, positions=positions.swapaxes(0, 1)), loss_mask
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
