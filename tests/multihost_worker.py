@@ -1,9 +1,8 @@
 """One process of the multi-host test (`test_multihost.py`): one SAPO update of the tiny draft
 (with one SFT step before it) and one batch of `dreamr` requests, all on the global 4-device
 mesh, and `dreamr` requests with draft and target on submeshes of their own, written to `--out`
-by process 0. Run once as a
-single process with 4 CPU devices, and as two processes with 2 each joined by
-`jax.distributed`; the test compares what they write.
+by process 0. Run once as a single process with 4 CPU devices, and as two processes with 2 each
+joined by `jax.distributed`; the test compares what they write.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/multihost_worker.py \\
         --pair DIR --out DIR --processes 2 --process-id 0 --port 12355
@@ -199,7 +198,7 @@ def main() -> int:
     batch = time.perf_counter()
     result["fpsr_apart"] = fpsr_apart(args.pair)
     print(
-        f"sapo {middle - started:.1f} s, dreamr batch {batch - middle:.1f} s, "
+        f"sft and sapo {middle - started:.1f} s, dreamr batch {batch - middle:.1f} s, "
         f"fpsr apart {time.perf_counter() - batch:.1f} s",
         flush=True,
     )
