@@ -106,65 +106,55 @@ def sapo_update(pair: str, out: str) -> dict:
     return {k: metrics[k] for k in ("loss", "reward", "kl", "grad_norm", "eval/accuracy")}
 
 
+def _judged_engine(pair: str, target_mesh, draft_mesh, **spec):
+    """The tiny pair on its meshes as greedy `dreamr` at alpha 0.5, its judge answering with the
+    MIXED words (some steps accepted, some refused)."""
+    from tiny_pair import MIXED, with_judge
+
+    from dreamr_jax.serve.checkpoints import load_checkpoint
+    from dreamr_jax.speculative.engine import Engine
+
+    target = load_checkpoint(f"{pair}/target", PromptConfig(), mesh=target_mesh)
+    draft = load_checkpoint(f"{pair}/draft", PromptConfig(), mesh=draft_mesh)
+    spec = SpecConfig(
+        mode="dreamr", max_new_tokens=24, max_step_tokens=8, draft_confidence=0.0, **spec
+    )
+    return with_judge(Engine(target, draft, spec), MIXED)
+
+
 def dreamr_batch(pair: str) -> list[list[int]]:
     """Greedy `dreamr` at alpha 0.5 (window schedule, resume fallback: the device loop) over a
     batch of ROWS rows, refilled as rows finish, both models' weights sharded over the whole
     mesh (tensor parallel over all 4 devices, both processes' in a two-process run)."""
-    from tiny_pair import MIXED, solve_in_batch, with_judge
+    from tiny_pair import solve_in_batch
 
     from dreamr_jax.data import digitmath
     from dreamr_jax.parallel.mesh import make_mesh
-    from dreamr_jax.serve.checkpoints import load_checkpoint
-    from dreamr_jax.speculative.engine import Engine
 
     mesh = make_mesh(1, 1, -1)
-    target = load_checkpoint(f"{pair}/target", PromptConfig(), mesh=mesh)
-    draft = load_checkpoint(f"{pair}/draft", PromptConfig(), mesh=mesh)
-    spec = SpecConfig(
-        mode="dreamr",
-        alpha=0.5,
-        schedule="window",
-        fallback="resume",
-        max_new_tokens=24,
-        max_step_tokens=8,
-        draft_confidence=0.0,
-    )
-    engine = with_judge(Engine(target, draft, spec), MIXED)
+    engine = _judged_engine(pair, mesh, mesh, alpha=0.5, schedule="window", fallback="resume")
     problems = digitmath.generate_problems("test", PROBLEMS, 0)
     return [list(map(int, s.tokens)) for s in solve_in_batch(engine, problems, ROWS)]
 
 
 def fpsr_apart(pair: str) -> list[list[int]]:
     """`dreamr` at alpha 0.5 as the host loop with the FPSR schedule and the eager fallback,
-    the draft and the target on submeshes of their own (2 devices each, tensor parallel), as
-    `serve.py` places them: in a two-process run each submesh spans both processes, which
-    must take every branch of the loop together. One request at a time."""
-    from tiny_pair import MIXED, with_judge
+    the draft and the target on submeshes of their own (2 devices each, tensor parallel), placed
+    by `serve.py`'s own `submeshes`: in a two-process run each submesh spans both processes,
+    which must take every branch of the loop together. One request at a time."""
+    import dataclasses
 
+    from dreamr_jax.config.schema import ServeConfig
     from dreamr_jax.data import digitmath
     from dreamr_jax.data.digitmath import problem_image
-    from dreamr_jax.parallel.distributed import spread_devices
-    from dreamr_jax.parallel.mesh import make_mesh
-    from dreamr_jax.serve.checkpoints import load_checkpoint
-    from dreamr_jax.speculative.engine import Engine
+    from dreamr_jax.serve.main import submeshes
 
-    draft_devices, target_devices = spread_devices(2, 2)
-    target = load_checkpoint(
-        f"{pair}/target", PromptConfig(), mesh=make_mesh(1, 1, -1, devices=target_devices)
+    cfg = ServeConfig()
+    parallel = dataclasses.replace(cfg.parallel, draft_devices=2, target_devices=2)
+    draft_mesh, target_mesh = submeshes(dataclasses.replace(cfg, parallel=parallel))
+    engine = _judged_engine(
+        pair, target_mesh, draft_mesh, alpha=0.5, schedule="fpsr", fallback="eager"
     )
-    draft = load_checkpoint(
-        f"{pair}/draft", PromptConfig(), mesh=make_mesh(1, 1, -1, devices=draft_devices)
-    )
-    spec = SpecConfig(
-        mode="dreamr",
-        alpha=0.5,
-        schedule="fpsr",
-        fallback="eager",
-        max_new_tokens=24,
-        max_step_tokens=8,
-        draft_confidence=0.0,
-    )
-    engine = with_judge(Engine(target, draft, spec), MIXED)
     assert engine.apart and not engine.device_loop
     problems = digitmath.generate_problems("test", 2, 0)
     return [list(map(int, engine.solve(p.question, [problem_image(p)]).tokens)) for p in problems]
